@@ -1,0 +1,4 @@
+from xvr_batch.cli import main
+
+if __name__ == "__main__":
+    main()
