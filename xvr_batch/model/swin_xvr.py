@@ -1,0 +1,342 @@
+"""SWIN-XVR: a shifted-window video transformer that fuses LR frames with HR key frames.
+
+The network follows DESIGN.md §2 (facts taken from the authors' public XFusion code):
+
+    lr (B, NL, 1, h, w) ──conv3x3+LReLU──────────────────────────────┐
+    hr (B, 2, 1, 4h, 4w) ─conv+LReLU─conv+LReLU+pool─conv+LReLU+pool──┤ stack in time: D = NL + 2 slices
+                                                                      ▼
+        shallow (B, D, h, w, E) ──► RSTB × S (Swin blocks with 3-D windows D×ws×ws, per-slice conv, residual)
+                                ──► LayerNorm ──► per-slice conv ──► + shallow (long skip)
+                                ──► head: slices [0, NL) ("all") or NL // 2 ("centre")
+                                    conv(E→R)+LReLU ─ [conv(R→4R) + PixelShuffle(2)] × 2 ─ conv(R→1)
+                                ──► (B, n_out, 1, 4h, 4w)
+
+Implementation notes
+- Features live channels-last, (B, D, h, w, E), inside the body; every reshape works on contiguous data
+  (the reference's ``.view`` on a sliced tensor is what makes it fail at batch > 1).
+- Attention runs through ``F.scaled_dot_product_attention``. The relative position bias and the
+  shifted-window region mask (-100) are merged into one additive mask. In inference (no grad) it is built
+  once per (shape, device, dtype, parameter version) and cached on the block.
+- Key frames can be encoded once (:meth:`SwinXVR.encode_keys`) and reused by every window that shares
+  them (:meth:`SwinXVR.forward_features`).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xvr_batch.model.config import ModelConfig
+
+__all__ = ["SwinXVR", "drop_path_schedule"]
+
+
+def drop_path_schedule(rate: float, n_blocks: int) -> list[float]:
+    """Stochastic depth per block: linear from 0 to ``rate`` over all blocks."""
+    return [x.item() for x in torch.linspace(0, rate, n_blocks)]
+
+
+class DropPath(nn.Module):
+    """Drop whole residual branches per sample (stochastic depth)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.3f}"
+
+
+def _effective_window(size: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int]):
+    """A dimension no larger than its window is covered by one window of its own size, unshifted."""
+    win, sh = list(window), list(shift)
+    for i in range(3):
+        if size[i] <= window[i]:
+            win[i] = size[i]
+            sh[i] = 0
+    return tuple(win), tuple(sh)
+
+
+@lru_cache(maxsize=64)
+def _relative_position_index(window: tuple[int, int, int]) -> torch.Tensor:
+    """(N, N) index into the (2Wd-1)(2Wh-1)(2Ww-1) bias table for a Wd×Wh×Ww window."""
+    wd, wh, ww = window
+    coords = torch.stack(torch.meshgrid(torch.arange(wd), torch.arange(wh), torch.arange(ww), indexing="ij"))
+    coords = coords.flatten(1)  # 3, N
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # N, N, 3
+    rel = rel + torch.tensor([wd - 1, wh - 1, ww - 1])
+    return rel[..., 0] * (2 * wh - 1) * (2 * ww - 1) + rel[..., 1] * (2 * ww - 1) + rel[..., 2]
+
+
+@lru_cache(maxsize=64)
+def _region_mask(padded: tuple[int, int, int], window: tuple[int, int, int], shift: tuple[int, int, int]) -> torch.Tensor:
+    """(nW, N, N) mask, 0 inside a region and -100 across regions, for cyclically shifted windows."""
+    ids = torch.zeros(padded, dtype=torch.long)
+    for axis in range(3):
+        if shift[axis] == 0:
+            continue
+        p, w, s = padded[axis], window[axis], shift[axis]
+        region = torch.zeros(p, dtype=torch.long)
+        region[p - w : p - s] = 1
+        region[p - s :] = 2
+        shape = [1, 1, 1]
+        shape[axis] = p
+        ids = ids * 3 + region.view(shape)
+    win = _partition(ids[None, ..., None], window).squeeze(-1)  # nW, N
+    diff = win[:, None, :] != win[:, :, None]
+    return torch.zeros(diff.shape).masked_fill(diff, -100.0)
+
+
+def _partition(x: torch.Tensor, window: tuple[int, int, int]) -> torch.Tensor:
+    """(B, D, H, W, C) -> (B * nW, N, C); windows in (d, h, w) order, tokens in (d, h, w) order."""
+    b, d, h, w, c = x.shape
+    wd, wh, ww = window
+    x = x.view(b, d // wd, wd, h // wh, wh, w // ww, ww, c)
+    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, wd * wh * ww, c)
+
+
+def _reverse(windows: torch.Tensor, window: tuple[int, int, int], b: int, d: int, h: int, w: int) -> torch.Tensor:
+    """(B * nW, N, C) -> (B, D, H, W, C)."""
+    wd, wh, ww = window
+    x = windows.reshape(b, d // wd, h // wh, w // ww, wd, wh, ww, -1)
+    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, d, h, w, -1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class WindowAttention3D(nn.Module):
+    """Multi-head self-attention inside 3-D windows, with a learnable relative position bias."""
+
+    def __init__(self, dim: int, window: tuple[int, int, int], num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.dim, self.window, self.num_heads = dim, window, num_heads
+        wd, wh, ww = window
+        self.rel_bias_table = nn.Parameter(torch.zeros((2 * wd - 1) * (2 * wh - 1) * (2 * ww - 1), num_heads))
+        nn.init.trunc_normal_(self.rel_bias_table, std=0.02)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def bias(self, n: int) -> torch.Tensor:
+        """(heads, N, N) relative position bias for windows of N tokens."""
+        index = _relative_position_index(self.window)[:n, :n].reshape(-1).to(self.rel_bias_table.device)
+        return self.rel_bias_table[index].view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, n_windows: int) -> torch.Tensor:
+        """x: (B * nW, N, C); mask: (heads, N, N) or (nW * heads, N, N) additive."""
+        bw, n, c = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).view(bw, n, 3, h, c // h).permute(2, 0, 3, 1, 4)  # 3, B*nW, heads, N, hd
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if mask.shape[0] != h:  # per-window mask: fold windows into the head axis so it broadcasts over B
+            b = bw // n_windows
+            q, k, v = (t.reshape(b, n_windows * h, n, c // h) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.reshape(bw, h, n, c // h).transpose(1, 2).reshape(bw, n, c)
+        return self.proj(out)
+
+
+class SwinBlock3D(nn.Module):
+    """Pre-norm Swin block: x + DropPath(W-MSA(LN x)), then x + DropPath(MLP(LN x))."""
+
+    def __init__(self, dim: int, num_heads: int, window: tuple[int, int, int], shift: tuple[int, int, int],
+                 mlp_ratio: float, qkv_bias: bool, drop_path: float):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention3D(dim, window, num_heads, qkv_bias)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self._mask_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _mask(self, padded, window, shift, n_windows: int, like: torch.Tensor) -> torch.Tensor:
+        table = self.attn.rel_bias_table
+        cacheable = not (torch.is_grad_enabled() and table.requires_grad)
+        key = (padded, window, shift, like.device, like.dtype, table._version, table.data_ptr())
+        if cacheable and self._mask_cache is not None and self._mask_cache[0] == key:
+            return self._mask_cache[1]
+        n = window[0] * window[1] * window[2]
+        mask = self.attn.bias(n)  # heads, N, N
+        if any(shift):
+            region = _region_mask(padded, window, shift).to(like.device)  # nW, N, N
+            mask = (region[:, None] + mask[None]).reshape(n_windows * mask.shape[0], n, n)
+        mask = mask.to(like.dtype).contiguous()
+        if cacheable:
+            self._mask_cache = (key, mask)
+        return mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, d, h, w, c = x.shape
+        window, shift = _effective_window((d, h, w), self.window, self.shift)
+        pad = [(window[i] - s % window[i]) % window[i] for i, s in enumerate((d, h, w))]
+        padded = (d + pad[0], h + pad[1], w + pad[2])
+        n_windows = (padded[0] // window[0]) * (padded[1] // window[1]) * (padded[2] // window[2])
+
+        y = self.norm1(x)
+        if any(pad):  # zero padding on the far side of each axis, after the norm (as the reference)
+            y = F.pad(y, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
+        if any(shift):
+            y = torch.roll(y, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+        mask = self._mask(padded, window, shift, n_windows, y)
+        y = self.attn(_partition(y, window), mask, n_windows)  # B*nW, N, C
+        y = _reverse(y, window, b, *padded)
+        if any(shift):
+            y = torch.roll(y, shifts=shift, dims=(1, 2, 3))
+        if any(pad):
+            y = y[:, :d, :h, :w].contiguous()
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class RSTB(nn.Module):
+    """Residual Swin stage: blocks (alternately shifted), then a per-slice conv, plus the stage input."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window: tuple[int, int, int], mlp_ratio: float,
+                 qkv_bias: bool, drop_paths: list[float]):
+        super().__init__()
+        shift = tuple(wi // 2 for wi in window)
+        self.blocks = nn.ModuleList(
+            SwinBlock3D(dim, num_heads, window, (0, 0, 0) if i % 2 == 0 else shift, mlp_ratio, qkv_bias, drop_paths[i])
+            for i in range(depth)
+        )
+        self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, D, h, w, E) -> same."""
+        y = x
+        for blk in self.blocks:
+            y = blk(y)
+        return x + _slice_conv(self.conv, y)
+
+
+def _slice_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2-D conv to every slice of channels-last (B, D, h, w, C) features."""
+    b, d, h, w, c = x.shape
+    y = conv(x.reshape(b * d, h, w, c).permute(0, 3, 1, 2))
+    return y.permute(0, 2, 3, 1).reshape(b, d, h, w, -1)
+
+
+class SwinXVR(nn.Module):
+    """The SWIN-XVR network. ``model(lr, hr)`` maps (B, NL, 1, h, w) and (B, 2, 1, 4h, 4w) in [0, 1]
+    to (B, n_out, 1, 4h, 4w), with n_out = NL for ``head="all"`` and 1 for ``head="centre"``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        e, r = cfg.embed_dim, cfg.recon_dim
+        # LR branch, per frame
+        self.lr_conv = nn.Conv2d(cfg.in_ch, e, 3, 1, 1)
+        # HR branch, per key frame: full HR resolution down to the LR grid
+        self.hr_conv0 = nn.Conv2d(cfg.in_ch, e, 3, 1, 1)
+        self.hr_conv1 = nn.Conv2d(e, e, 3, 1, 1)
+        self.hr_conv2 = nn.Conv2d(e, e, 3, 1, 1)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.lrelu = nn.LeakyReLU(0.1)
+        # body
+        dpr = drop_path_schedule(cfg.drop_path, sum(cfg.depths))
+        starts = [sum(cfg.depths[:i]) for i in range(len(cfg.depths))]
+        self.stages = nn.ModuleList(
+            RSTB(e, depth, heads, cfg.window_3d, cfg.mlp_ratio, cfg.qkv_bias, dpr[s : s + depth])
+            for depth, heads, s in zip(cfg.depths, cfg.num_heads, starts)
+        )
+        self.norm = nn.LayerNorm(e)
+        self.conv_after_body = nn.Conv2d(e, e, 3, 1, 1)
+        # reconstruction head
+        self.head_conv = nn.Conv2d(e, r, 3, 1, 1)
+        self.head_act = nn.LeakyReLU(0.01)
+        self.upsample = nn.ModuleList(nn.Conv2d(r, 4 * r, 3, 1, 1) for _ in range(int(math.log2(cfg.scale))))
+        self.shuffle = nn.PixelShuffle(2)
+        self.conv_last = nn.Conv2d(r, cfg.in_ch, 3, 1, 1)
+        self.apply(self._init_linear)
+
+    @staticmethod
+    def _init_linear(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ encoders
+    def encode_lr(self, lr: torch.Tensor) -> torch.Tensor:
+        """(B, T, 1, h, w) -> (B, T, E, h, w)."""
+        b, t, c, h, w = lr.shape
+        return self.lrelu(self.lr_conv(lr.reshape(b * t, c, h, w))).view(b, t, -1, h, w)
+
+    def encode_keys(self, hr: torch.Tensor) -> torch.Tensor:
+        """(B, K, 1, H, W) -> (B, K, E, H/4, W/4). Encode each key frame once, reuse for every window."""
+        b, k, c, hh, ww = hr.shape
+        y = self.lrelu(self.hr_conv0(hr.reshape(b * k, c, hh, ww)))
+        y = self.pool(self.lrelu(self.hr_conv1(y)))
+        y = self.pool(self.lrelu(self.hr_conv2(y)))
+        return y.view(b, k, *y.shape[1:])
+
+    # ------------------------------------------------------------------ forward
+    def forward_features(self, lr: torch.Tensor, key_feats: torch.Tensor) -> torch.Tensor:
+        """lr (B, NL, 1, h, w), key_feats (B, 2, E, h, w) from :meth:`encode_keys` -> (B, n_out, 1, 4h, 4w)."""
+        b, nl, _, h, w = lr.shape
+        if nl != self.cfg.num_lr:
+            raise ValueError(f"expected {self.cfg.num_lr} LR frames, got {nl}")
+        if key_feats.shape[-2:] != (h, w):
+            raise ValueError(f"key-frame features {tuple(key_feats.shape[-2:])} do not match the LR grid {(h, w)}")
+        shallow = torch.cat((self.encode_lr(lr), key_feats.to(lr.dtype)), dim=1)  # B, D, E, h, w
+        shallow = shallow.permute(0, 1, 3, 4, 2).contiguous()  # B, D, h, w, E
+        x = shallow
+        for stage in self.stages:
+            x = stage(x)
+        x = shallow + _slice_conv(self.conv_after_body, self.norm(x))
+        keep = slice(0, nl) if self.cfg.head == "all" else slice(nl // 2, nl // 2 + 1)
+        feat = x[:, keep]  # B, n_out, h, w, E
+        n_out = feat.shape[1]
+        feat = feat.reshape(b * n_out, h, w, -1).permute(0, 3, 1, 2)
+        y = self.head_act(self.head_conv(feat))
+        for up in self.upsample:
+            y = self.shuffle(up(y))
+        y = self.conv_last(y)
+        return y.view(b, n_out, *y.shape[1:])
+
+    def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(lr, self.encode_keys(hr))
+
+    # ------------------------------------------------------------------ accounting
+    def flops(self, h: int, w: int) -> float:
+        """Multiply-adds x 2 of one call at LR size h x w (convs, linears and attention)."""
+        cfg = self.cfg
+        e, r, d, s = cfg.embed_dim, cfg.recon_dim, cfg.n_slices, cfg.scale
+        hh, ww = h * s, w * s
+        conv = lambda cin, cout, px: 2 * 9 * cin * cout * px  # noqa: E731
+        total = cfg.num_lr * conv(1, e, h * w)
+        total += 2 * (conv(1, e, hh * ww) + conv(e, e, hh * ww) + conv(e, e, (hh // 2) * (ww // 2)))
+        tokens = d * h * w
+        win, _ = _effective_window((d, h, w), cfg.window_3d, (0, 0, 0))
+        padded = math.prod(-(-size // wi) * wi for size, wi in zip((d, h, w), win))  # attention sees padding
+        n = math.prod(win)
+        hidden = int(e * cfg.mlp_ratio)
+        per_block = 2 * padded * 4 * e * e + 2 * 2 * padded * n * e + 2 * tokens * 2 * e * hidden
+        total += sum(cfg.depths) * per_block + (len(cfg.depths) + 1) * d * conv(e, e, h * w)
+        px, out = h * w, cfg.n_out
+        up = 0
+        for _ in self.upsample:
+            up += conv(r, 4 * r, px)
+            px *= 4
+        total += out * (conv(e, r, h * w) + up + conv(r, 1, px))
+        return float(total)
