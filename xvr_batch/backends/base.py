@@ -1,0 +1,58 @@
+"""The one small interface every execution backend implements.
+
+A backend gets a planned :class:`~xvr_batch.pipeline.Job` and the units still pending, runs each unit with
+:class:`~xvr_batch.pipeline.UnitRunner` (the same code everywhere), and records each completion in the
+journal from one process only. It returns True when every pending unit finished, False when it stopped
+early on request (preemption or walltime signal); the driver then finalises or exits for a later resume.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Protocol, Sequence
+
+from xvr_batch.plan import Unit
+
+__all__ = ["Backend", "StopFlag", "stop_flag", "EXIT_STOPPED"]
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped cleanly on a signal; run the same command again to resume
+
+
+class StopFlag:
+    """Set by SIGUSR2/SIGTERM: finish (or abandon) the current unit, then stop cleanly."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal: int | None = None
+
+    def install(self, signals: Sequence[int] = (signal.SIGUSR2, signal.SIGTERM)) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        self.signal = signum
+        self._event.set()
+
+    def set(self) -> None:
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+
+stop_flag = StopFlag()
+
+
+class Backend(Protocol):
+    name: str
+
+    def execute(self, job, pending: Sequence[Unit], progress: bool = True) -> bool:
+        """Run ``pending`` units of ``job``; record completions; True if all finished."""
+        ...
