@@ -1,0 +1,408 @@
+"""``xvr-batch``: the command line. Thin: every command parses options and calls the library.
+
+Errors a user can cause print one line and exit with code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import traceback
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+import click
+
+from xvr_batch import __version__
+from xvr_batch.config import ConfigCommand
+from xvr_batch.errors import UserError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _echo_err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _config_option(f):
+    return click.option("--config", type=click.Path(dir_okay=False), default=None, is_eager=True, expose_value=False,
+                        help="TOML file whose keys mirror these flags (e.g. unit-frames = 64); flags win.")(f)
+
+
+def _debug_option(f):
+    return click.option("--debug", is_flag=True, expose_value=False, help="Show the full traceback on errors.")(f)
+
+
+def command(name: str, **kw):
+    """A subcommand with --config and --debug."""
+    def deco(f):
+        f = _debug_option(_config_option(f))
+        return main_group.command(name, cls=ConfigCommand, context_settings=CONTEXT, **kw)(f)
+    return deco
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="xvr-batch")
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+def main_group(debug: bool) -> None:
+    """Batch SWIN-XVR reconstruction of high-speed x-ray archives.
+
+    \b
+    Typical use:
+      xvr-batch inspect run042.h5                 # what is in the archive, and problems
+      xvr-batch plan run042.h5                    # units, halo, memory and work estimate
+      xvr-batch reconstruct run042.h5 -o out.h5   # run (re-run the same command to resume)
+      xvr-batch status out.h5.xvr                 # progress of a running or stopped job
+    """
+
+
+# ---------------------------------------------------------------------------------------- shared options
+
+def archive_options(f):
+    opts = [
+        click.option("--lr", "lr", metavar="PATH", default=None, help="Dataset of LR frames [/exchange/data_lr]."),
+        click.option("--hr", "hr", metavar="PATH", default=None, help="Dataset of HR key frames [/exchange/data_hr]."),
+        click.option("--hr-index", "hr_index", metavar="PATH", default=None,
+                     help="Dataset of key-frame LR time indices [/exchange/hr_index]."),
+        click.option("--hr-stride", type=int, default=None, metavar="S",
+                     help="Key frames every S LR frames (instead of an hr_index dataset)."),
+        click.option("--hr-offset", type=int, default=0, show_default=True, metavar="O",
+                     help="LR index of the first key frame, with --hr-stride."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def run_options(f):
+    opts = [
+        click.option("--weights", default=None, metavar="W",
+                     help="Checkpoint (our format; see convert-weights) or a shipped name. Default: shipped 'lite'."),
+        click.option("--unit-frames", type=click.IntRange(min=1), default=128, show_default=True,
+                     help="Output frames per work unit (the unit of resume and of distribution)."),
+        click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Windows per model call."),
+        click.option("--tile", type=click.IntRange(min=2), default=None,
+                     help="Run the model on LR tiles of this size (for frames too large for memory)."),
+        click.option("--tile-overlap", type=click.IntRange(min=1), default=None,
+                     help="Tile overlap in LR pixels [2 windows]; at least one window."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _options_from(kwargs: dict):
+    from xvr_batch.pipeline import Options
+    names = {f.name for f in fields(Options)}
+    return Options(**{k: v for k, v in kwargs.items() if k in names})
+
+
+# ---------------------------------------------------------------------------------------- inspect
+
+@command("inspect")
+@click.argument("archive", type=click.Path())
+@archive_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def inspect_cmd(archive, lr, hr, hr_index, hr_stride, hr_offset, as_json):
+    """What ARCHIVE holds (datasets, shapes, dtypes, key-frame spacing, darks/flats) and any problems."""
+    from xvr_batch.io.archive import ArchivePaths, inspect_file
+    base = ArchivePaths()
+    paths = ArchivePaths(lr=lr or base.lr, hr=hr or base.hr, hr_index=hr_index or base.hr_index)
+    info = inspect_file(archive, paths=paths, hr_stride=hr_stride, hr_offset=hr_offset)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"{info['file']}  ({info.get('size_bytes', 0) / 1e6:.1f} MB)")
+    click.echo(f"  LR frames   {info['n_frames']} x {info['lr_shape'][0]} x {info['lr_shape'][1]}  {info['lr_dtype']}")
+    click.echo(f"  HR frames   {info['n_key_frames']} x {info['hr_shape'][0]} x {info['hr_shape'][1]}  {info['hr_dtype']}"
+               f"  (scale x{info['scale']})")
+    kf = info.get("key_frames", {})
+    click.echo(f"  key frames  from {info['hr_index_source']}: gaps min/median/max "
+               f"{kf.get('gap_min')}/{kf.get('gap_median')}/{kf.get('gap_max')}, "
+               f"{kf.get('frames_before_first', 0)} frames before the first, "
+               f"{kf.get('frames_after_last', 0)} after the last")
+    cal = info.get("calibrations", {})
+    click.echo("  darks/flats " + ", ".join(f"{k}: {'yes (%d)' % v['n_frames'] if v else 'no'}" for k, v in cal.items()))
+    click.echo(f"  truth       {'data_gt present' if info.get('has_gt') else 'none'}")
+    click.echo("  datasets:")
+    for d in info.get("datasets", []):
+        click.echo(f"    {d['path']:<28} {str(tuple(d['shape'])):<20} {d['dtype']:<8} "
+                   f"chunks={d.get('chunks')} {d.get('compression') or ''}")
+    for w in info.get("warnings", []):
+        click.echo(f"  warning: {w}")
+    if not info.get("warnings"):
+        click.echo("  no problems found")
+
+
+# ---------------------------------------------------------------------------------------- plan
+
+@command("plan")
+@click.argument("archive", type=click.Path())
+@archive_options
+@run_options
+@click.option("-o", "--output", "plan_out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the plan as JSON to this file (nothing is written otherwise).")
+def plan_cmd(archive, plan_out, **kw):
+    """Show the unit table, halo, and the estimated memory and work for ARCHIVE."""
+    from xvr_batch.planinfo import describe_plan, format_plan
+    info = describe_plan(archive, **kw)
+    click.echo(format_plan(info))
+    if plan_out:
+        Path(plan_out).write_text(json.dumps(info, indent=2, default=str))
+        click.echo(f"plan written to {plan_out}")
+
+
+# ---------------------------------------------------------------------------------------- reconstruct
+
+@command("reconstruct")
+@click.argument("archive", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
+@archive_options
+@run_options
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Work directory for manifest and parts [OUTPUT.xvr].")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "tf32", "bf16"]), default="auto", show_default=True,
+              help="Arithmetic: auto is bf16 on CUDA and fp32 on CPU.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch [torch default].")
+@click.option("--dtype", type=click.Choice(["float32", "uint16"]), default="float32", show_default=True,
+              help="Output dtype, in HR camera counts.")
+@click.option("--compression", type=click.Choice(["zstd", "lz4", "blosc-zstd", "gzip", "none"]), default="zstd",
+              show_default=True, help="Output codec (through hdf5plugin; recorded in the file).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--force-replan", is_flag=True, help="Discard an incompatible earlier work directory and start over.")
+@click.option("--keep-workdir", is_flag=True, help="Keep the work directory (manifest, parts) after success.")
+@click.option("--backend", default="local", show_default=True, help="local (more in docs/DISTRIBUTED.md).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def reconstruct_cmd(archive, output, backend, quiet, **kw):
+    """Reconstruct every LR time step of ARCHIVE at HR into OUTPUT.
+
+    Re-running the same command resumes: finished units are verified by checksum and skipped.
+    """
+    from xvr_batch.pipeline import get_backend, reconstruct
+    opts = _options_from(dict(kw, archive=archive, output=output))
+    config = dict(kw, archive=archive, output=output, backend=backend)
+    out = reconstruct(opts, get_backend(backend), command=sys.argv, config=config, progress=not quiet,
+                      log=_echo_err)
+    if out is None:
+        from xvr_batch.backends.base import EXIT_STOPPED
+        sys.exit(EXIT_STOPPED)
+    click.echo(out)
+
+
+# ---------------------------------------------------------------------------------------- status / resume
+
+@command("status")
+@click.argument("workdir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--verify", is_flag=True, help="Also verify every part's checksum (slower).")
+def status_cmd(workdir, as_json, verify):
+    """Units done, pending and failed in WORKDIR (works while a job runs, from any node)."""
+    from xvr_batch.workdir import WorkDir
+    wd = WorkDir(workdir)
+    if not wd.exists():
+        raise UserError(f"{workdir}: no manifest.json here; give the work directory (default OUTPUT.xvr)")
+    st = wd.status(verify=verify)
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=str))
+        return
+    n = st["n_units"]
+    click.echo(f"{wd.path}: {len(st['done'])}/{n} units done, {len(st['pending'])} pending, "
+               f"{len(st['failed'])} failed; {st['frames_done']}/{st['n_frames']} frames")
+    if st.get("problems"):
+        for uid, why in list(st["problems"].items())[:5]:
+            click.echo(f"  unit {uid}: {why} (will be redone)")
+
+
+@command("resume")
+@click.argument("workdir", type=click.Path())
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def resume_cmd(workdir, quiet):
+    """Continue the run recorded in WORKDIR (the same as re-running its reconstruct command)."""
+    from xvr_batch.pipeline import Options, get_backend, reconstruct
+    from xvr_batch.workdir import WorkDir
+    wd = WorkDir(workdir)
+    if not wd.exists():
+        raise UserError(f"{workdir}: no manifest.json here; nothing to resume")
+    man = wd.read_manifest()
+    saved = man.get("options")
+    if not isinstance(saved, dict):
+        raise UserError(f"{wd.manifest_path}: no recorded options; re-run the original reconstruct command")
+    names = {f.name for f in fields(Options)}
+    opts = Options(**{k: v for k, v in saved.items() if k in names})
+    opts.workdir = str(wd.path)
+    opts.force_replan = False
+    job = man.get("job", {})
+    out = reconstruct(opts, get_backend("local"), command=job.get("command"), config=job.get("config"),
+                      progress=not quiet, log=_echo_err)
+    if out is None:
+        from xvr_batch.backends.base import EXIT_STOPPED
+        sys.exit(EXIT_STOPPED)
+    click.echo(out)
+
+
+# ---------------------------------------------------------------------------------------- synth
+
+@command("synth")
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--frames", "n_frames", type=click.IntRange(min=2), default=200, show_default=True, help="LR time steps N.")
+@click.option("--hr-size", nargs=2, type=click.IntRange(min=8), default=(256, 256), show_default=True,
+              help="HR frame height and width (multiples of the scale).")
+@click.option("--stride", type=click.IntRange(min=1), default=20, show_default=True, help="Key frame every S steps.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True, help="Time of the first key frame.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (fully deterministic).")
+@click.option("--family", "families", multiple=True, help="Scene family (repeatable); default: random mix.")
+@click.option("--speed", type=float, default=None, help="Motion speed in LR pixels per frame [random].")
+@click.option("--dtype", type=click.Choice(["uint16", "uint8", "float32"]), default="uint16", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def synth_cmd(output, n_frames, hr_size, stride, offset, seed, families, speed, dtype, overwrite):
+    """Write a realistic synthetic x-ray archive (with dense truth /exchange/data_gt) to OUTPUT."""
+    from xvr_batch import synth
+    if Path(output).exists() and not overwrite:
+        raise UserError(f"{output}: already exists; pass --overwrite or choose another name")
+    bad = [f for f in families if f not in synth.FAMILIES]
+    if bad:
+        raise UserError(f"--family {bad[0]!r}: choose from {', '.join(synth.FAMILIES)}")
+    try:
+        summary = synth.synthesize(output, n_frames=n_frames, hr_shape=tuple(hr_size), stride=stride, offset=offset,
+                                   seed=seed, families=list(families) or None, speed=speed, dtype=dtype)
+    except ValueError as exc:
+        raise UserError(f"{output}: {exc}") from None
+    click.echo(f"wrote {output}: " + json.dumps(summary, default=str))
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+
+@command("evaluate")
+@click.argument("recon", type=click.Path())
+@click.option("--truth", required=True, type=click.Path(), help="Archive with /exchange/data_gt.")
+@click.option("--frames", type=click.Choice(["between", "all"]), default="between", show_default=True,
+              help="Score frames strictly between key frames, or every non-key frame.")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Score an even subsample of frames.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the scores as JSON.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG: PSNR over time plus a side-by-side panel.")
+def evaluate_cmd(recon, truth, frames, max_frames, json_out, plot_out):
+    """Score RECON against the truth: PSNR/SSIM per frame, and the classical baselines."""
+    from xvr_batch import evaluate as ev
+    result = ev.evaluate(recon, truth, frames=frames, max_frames=max_frames, progress=True)
+    click.echo(ev.format_table(result))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2))
+    if plot_out:
+        ev.plot(result, recon, truth, plot_out)
+        click.echo(f"plot written to {plot_out}")
+
+
+# ---------------------------------------------------------------------------------------- convert-weights
+
+@command("convert-weights")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--network-g", required=True, type=click.Path(dir_okay=False),
+              help="YAML with the reference's network_g (a full training YAML or just the block).")
+@click.option("--head", type=click.Choice(["all", "centre"]), default="all", show_default=True,
+              help="all = the reference's VSTF model, centre = its STF model.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Our checkpoint file.")
+def convert_weights_cmd(checkpoint, network_g, head, output):
+    """Convert an XFusion checkpoint (params_ema preferred) to xvr_batch's format."""
+    import yaml
+    from xvr_batch.model import from_xfusion, save_checkpoint
+    try:
+        data = yaml.safe_load(Path(network_g).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{network_g}: cannot read the network_g YAML ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("network_g"), dict):
+        data = data["network_g"]
+    if not isinstance(data, dict):
+        raise UserError(f"{network_g}: expected a mapping with the network_g keys (num_frame, embed_dim, ...)")
+    model = from_xfusion(checkpoint, data, head=head)
+    sha = save_checkpoint(output, model, params_ema=model.state_dict(),
+                          meta={"converted_from": str(checkpoint), "network_g": data})
+    click.echo(f"wrote {output} (sha256 {sha[:16]}...)")
+
+
+# ---------------------------------------------------------------------------------------- demo
+
+@command("demo")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
+              help="Folder for the demo archive and output [a new temp folder].")
+@click.option("--frames", type=click.IntRange(min=20), default=60, show_default=True, help="Archive length.")
+@click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the demo archive.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def demo_cmd(directory, frames, seed, quiet):
+    """Make a small synthetic archive, reconstruct it with the default weights, and score it."""
+    from xvr_batch.demo import run_demo
+    d = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="xvr-demo-"))
+    d.mkdir(parents=True, exist_ok=True)
+    run_demo(d, frames=frames, seed=seed, progress=not quiet, echo=click.echo)
+
+
+# ---------------------------------------------------------------------------------------- train
+
+@command("train")
+@click.argument("archives", nargs=-1, type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Final checkpoint path.")
+@click.option("--val", "val_archives", multiple=True, type=click.Path(), help="Validation archive (repeatable).")
+@click.option("--preset", default="lite", show_default=True, help="Model preset: lite, paper, tiny.")
+@click.option("--head", type=click.Choice(["all", "centre"]), default="all", show_default=True)
+@click.option("--init", default=None, help="Fine-tune from our checkpoint or an XFusion .pth.")
+@click.option("--network-g", "xfusion_network_g", default=None, help="YAML of network_g, with an XFusion --init.")
+@click.option("--resume", default=None, help="Training checkpoint to resume exactly.")
+@click.option("--steps", type=click.IntRange(min=1), default=20000, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="Adam learning rate.")
+@click.option("--crop", type=click.IntRange(min=4), default=24, show_default=True, help="LR crop (HR = 4x).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def train_cmd(archives, quiet, **kw):
+    """Train SWIN-XVR on ARCHIVES (with /exchange/data_gt). Under torchrun or srun: DDP."""
+    from xvr_batch import train as tr
+    if not archives:
+        raise UserError("give at least one training archive (make some with `xvr-batch synth`)")
+    names = {f.name for f in fields(tr.TrainOptions)}
+    opts = tr.TrainOptions(archives=list(archives), progress=not quiet,
+                           **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k in names})
+    path = tr.run_training(opts, log=_echo_err)
+    click.echo(path)
+
+
+# ---------------------------------------------------------------------------------------- entry point
+
+def _format_warning(message, category, filename, lineno, line=None):  # noqa: ARG001
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("XVR_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    warnings.formatwarning = _format_warning
+    try:
+        main_group.main(args=argv, prog_name="xvr-batch", standalone_mode=False)
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        _echo_err(f"error: {exc}")
+        sys.exit(2)
+    except click.exceptions.Abort:
+        _echo_err("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _echo_err("interrupted; re-run the same command to resume")
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
