@@ -183,7 +183,8 @@ def reconstruct_cmd(archive, output, backend, quiet, **kw):
 
     Re-running the same command resumes: finished units are verified by checksum and skipped.
     """
-    from xvr_batch.pipeline import get_backend, reconstruct
+    from xvr_batch.backends import get_backend
+    from xvr_batch.pipeline import reconstruct
     opts = _options_from(dict(kw, archive=archive, output=output))
     config = dict(kw, archive=archive, output=output, backend=backend)
     out = reconstruct(opts, get_backend(backend), command=sys.argv, config=config, progress=not quiet,
@@ -223,7 +224,8 @@ def status_cmd(workdir, as_json, verify):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def resume_cmd(workdir, quiet):
     """Continue the run recorded in WORKDIR (the same as re-running its reconstruct command)."""
-    from xvr_batch.pipeline import Options, get_backend, reconstruct
+    from xvr_batch.backends import get_backend
+    from xvr_batch.pipeline import Options, reconstruct
     from xvr_batch.workdir import WorkDir
     wd = WorkDir(workdir)
     if not wd.exists():

@@ -89,10 +89,6 @@ class Calibration:
             x += self.hr_dark
         return x
 
-    def lr_to_hr_units(self, lr: np.ndarray) -> np.ndarray:
-        """LR frame(s) in HR counts (baseline (a) of evaluate, before upsampling)."""
-        return self.model_to_hr(self.lr_to_model(lr))
-
 
 def _flat(archive, cam: str) -> tuple[np.ndarray, np.ndarray]:
     dark = archive.calibration(f"dark_{cam}").astype(np.float32)

@@ -474,19 +474,13 @@ def finalise(job: Job, log: Callable[[str], None] = lambda s: None, progress: bo
     return job.output
 
 
-def get_backend(name: str, **kwargs: Any):
-    """The backend called ``name`` (imported lazily: mpi4py, dask are optional)."""
-    if name == "local":
-        from xvr_batch.backends.local import LocalBackend
-        return LocalBackend(**kwargs)
-    raise UserError(f"--backend {name!r}: unknown backend; choose local")
-
-
 def reconstruct(opts: Options, backend: Any = None, command: list[str] | None = None, config: dict | None = None,
                 progress: bool = True, log: Callable[[str], None] = lambda s: None) -> str | None:
     """Plan (or resume), run the pending units on ``backend``, finalise. Returns the output path, or None
     when the backend stopped early on a signal (the work directory then holds everything done so far)."""
     from xvr_batch.backends.base import stop_flag
+
+    from xvr_batch.backends import get_backend
 
     backend = backend or get_backend("local")
     _check_output_target(opts)

@@ -1,0 +1,87 @@
+"""Shared fixtures: small real archives on disk and a tiny checkpoint, so pipeline tests stay fast."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_archive(path: Path, n: int = 40, lr_shape=(8, 12), hr_index=(3, 11, 30), seed: int = 0,
+                 dtype=np.uint16, calib: bool = True, gt: bool = False) -> Path:
+    """A small archive with a moving blob, noisy LR frames, HR key frames, darks and flats."""
+    rng = np.random.default_rng(seed)
+    h, w = lr_shape
+    hh, ww = 4 * h, 4 * w
+    yy, xx = np.mgrid[0:hh, 0:ww]
+    truth = np.empty((n, hh, ww), np.float32)
+    for t in range(n):
+        cy, cx = hh / 2 + 0.3 * hh * np.sin(t / 7), ww * (0.2 + 0.6 * t / n)
+        truth[t] = 1500 + 1200 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (hh / 6) ** 2))
+    lr = truth.reshape(n, h, 4, w, 4).mean(axis=(2, 4)) * 0.25 + 90
+    lr = rng.poisson(lr).astype(dtype)
+    idx = np.asarray(hr_index, dtype=np.int64)
+    hr = rng.poisson(truth[idx]).astype(dtype)
+    with h5py.File(path, "w") as f:
+        f["/exchange/data_lr"] = lr
+        f["/exchange/data_hr"] = hr
+        f["/exchange/hr_index"] = idx
+        if calib:
+            f["/exchange/data_dark_lr"] = np.full((4, h, w), 90, dtype)
+            f["/exchange/data_white_lr"] = np.full((4, h, w), 90 + 700, dtype)
+            f["/exchange/data_dark_hr"] = np.full((4, hh, ww), 10, dtype)
+            f["/exchange/data_white_hr"] = np.full((4, hh, ww), 3000, dtype)
+        if gt:
+            f["/exchange/data_gt"] = truth
+    return path
+
+
+@pytest.fixture
+def archive(tmp_path) -> Path:
+    return make_archive(tmp_path / "archive.h5")
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    from xvr_batch.model import SwinXVR, preset, save_checkpoint
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    save_checkpoint(path, SwinXVR(preset("tiny", window=4)).eval())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_centre_weights(tmp_path_factory) -> Path:
+    from xvr_batch.model import SwinXVR, preset, save_checkpoint
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("weights") / "tiny_centre.pt"
+    save_checkpoint(path, SwinXVR(preset("tiny", window=4, head="centre")).eval())
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_data(path: Path) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f["/exchange/data"][()]
+
+
+def cli(*args, check: bool = False, timeout: float = 300, env: dict | None = None, cwd=None):
+    """Run ``python -m xvr_batch ARGS`` as a real process."""
+    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.run([sys.executable, "-m", "xvr_batch", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=e, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"xvr-batch {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
