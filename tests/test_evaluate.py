@@ -233,7 +233,7 @@ def test_lr_bicubic_baseline_matches_calibration(archive: tuple[Path, np.ndarray
     with Archive(path) as arc:
         norm = fit_normalisation(arc)
         calib = Calibration(arc, norm)
-        expected = metrics.bicubic_upsample(calib.lr_to_hr_units(arc.read_lr_at([7])[0]), SCALE)
+        expected = metrics.bicubic_upsample(calib.model_to_hr(calib.lr_to_model(arc.read_lr_at([7])[0])), SCALE)
         blend = 0.3 * arc.read_hr(0) + 0.7 * arc.read_hr(1)
     ((t, images),) = baselines_for_archive(path, [7], norm)
     assert t == 7 and images["lr_bicubic"].shape == (HH, WW)

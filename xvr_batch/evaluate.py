@@ -24,7 +24,7 @@ Methods
         on the truth archive only when the reconstruction has no usable record), bicubic
         upsampled by the scale. The upsampling happens on the normalised intensity, before the HR
         flat-field (a per-HR-pixel map) is undone; without HR darks/flats this equals upsampling
-        :meth:`~xvr_batch.normalise.Calibration.lr_to_hr_units` of the frame.
+        the LR frame mapped into HR counts.
     ``key_blend``
         Linear blend in time of the two key frames that bracket ``t`` (``/exchange/data_hr``):
         ``(1 - w) * HR(k_i) + w * HR(k_{i+1})`` with ``w = (t - k_i) / (k_{i+1} - k_i)``. Frames
