@@ -158,6 +158,9 @@ def plan_cmd(archive, plan_out, **kw):
 
 # ---------------------------------------------------------------------------------------- reconstruct
 
+from xvr_batch.backends import backend_options  # noqa: E402  (the backend flags of reconstruct)
+
+
 @command("reconstruct")
 @click.argument("archive", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
@@ -176,19 +179,19 @@ def plan_cmd(archive, plan_out, **kw):
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--force-replan", is_flag=True, help="Discard an incompatible earlier work directory and start over.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the work directory (manifest, parts) after success.")
-@click.option("--backend", default="local", show_default=True, help="local (more in docs/DISTRIBUTED.md).")
+@backend_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def reconstruct_cmd(archive, output, backend, quiet, **kw):
     """Reconstruct every LR time step of ARCHIVE at HR into OUTPUT.
 
     Re-running the same command resumes: finished units are verified by checksum and skipped.
+    Under torchrun, srun or mpiexec (--backend torch or mpi) every rank runs this same command.
     """
-    from xvr_batch.backends import get_backend
-    from xvr_batch.pipeline import reconstruct
+    from xvr_batch.backends import backend_kwargs, get_backend, run_reconstruct
     opts = _options_from(dict(kw, archive=archive, output=output))
     config = dict(kw, archive=archive, output=output, backend=backend)
-    out = reconstruct(opts, get_backend(backend), command=sys.argv, config=config, progress=not quiet,
-                      log=_echo_err)
+    engine = get_backend(backend, **backend_kwargs(backend, kw, log=_echo_err))
+    out = run_reconstruct(engine, opts, command=sys.argv, config=config, progress=not quiet, log=_echo_err)
     if out is None:
         from xvr_batch.backends.base import EXIT_STOPPED
         sys.exit(EXIT_STOPPED)
@@ -392,6 +395,15 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         _echo_err(f"error: {exc}")
+        sys.exit(2)
+    except OSError as exc:
+        from xvr_batch.pipeline import disk_error
+        err = disk_error(exc, getattr(exc, "filename", None) or "output")
+        if not isinstance(err, UserError):
+            raise
+        if debug:
+            traceback.print_exc()
+        _echo_err(f"error: {err}")
         sys.exit(2)
     except click.exceptions.Abort:
         _echo_err("aborted")

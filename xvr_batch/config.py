@@ -56,20 +56,20 @@ class ConfigCommand(click.Command):
         if path:
             data = load_config(path)
             section = data.get(self.name, {}) if isinstance(data.get(self.name), dict) else {}
-            flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
-            flat.update(section)
             params = {p.name: p for p in self.params if isinstance(p, click.Option)}
+            known = ", ".join(sorted(n.replace("_", "-") for n in params))
             defaults: dict[str, Any] = {}
-            for key, value in flat.items():
-                name = key.replace("-", "_")
-                if name == "config":
-                    continue
-                if name not in params:
-                    if key in data and not isinstance(data.get(key), dict) and self.name not in data:
-                        # top-level keys may belong to other commands
+            top = {k: v for k, v in data.items() if not isinstance(v, dict)}
+            for scope, items in (("top", top), ("section", section)):
+                for key, value in items.items():
+                    name = key.replace("-", "_")
+                    if name == "config":
                         continue
-                    raise UserError(f"{path}: unknown key {key!r} for `{self.name}`; "
-                                    f"known keys: {', '.join(sorted(n.replace('_', '-') for n in params))}")
-                defaults[name] = value
+                    if name in params:
+                        defaults[name] = value
+                    elif scope == "section":  # top-level keys may belong to other commands
+                        raise UserError(f"{path}: unknown key {key!r} in [{self.name}]; known keys: {known}")
+            if not defaults and (top or section):
+                raise UserError(f"{path}: no key applies to `{self.name}`; known keys: {known}")
             extra["default_map"] = {**(extra.get("default_map") or {}), **defaults}
         return super().make_context(info_name, args, parent=parent, **extra)

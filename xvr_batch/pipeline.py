@@ -372,8 +372,11 @@ class UnitRunner:
         wd = self.job.workdir_obj()
         path = wd.part_path(unit.id)
         hh, ww = self.archive.hr_shape
-        part = StreamingPart(path, unit.start, unit.stop - unit.start, (hh, ww), self.dtype,
-                             attrs={"unit": unit.id, "fingerprint": self.job.fingerprint})
+        try:
+            part = StreamingPart(path, unit.start, unit.stop - unit.start, (hh, ww), self.dtype,
+                                 attrs={"unit": unit.id, "fingerprint": self.job.fingerprint})
+        except OSError as exc:
+            raise disk_error(exc, path) from exc
         writer_q: queue.Queue = queue.Queue(maxsize=4 * self.batch)
         errors: list[BaseException] = []
 
@@ -416,7 +419,7 @@ class UnitRunner:
             sha = part.commit()
         except OSError as exc:
             part.abort()
-            raise _disk_error(exc, path) from exc
+            raise disk_error(exc, path) from exc
         except BaseException:
             part.abort()
             raise
@@ -431,7 +434,8 @@ class _nullcontext:
         return False
 
 
-def _disk_error(exc: OSError, path: Path) -> Exception:
+def disk_error(exc: OSError, path: Path | str) -> Exception:
+    """A full disk becomes one clear UserError; other OS errors pass through unchanged."""
     text = str(exc)
     if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "errno = 28" in text:
         return UserError(f"{path}: disk full while writing; free space and re-run the same command to resume")
@@ -467,7 +471,7 @@ def finalise(job: Job, log: Callable[[str], None] = lambda s: None, progress: bo
         stitch_output(job.output, [p for _, p, _ in parts], shape, np.dtype(job.settings["dtype"]),
                       job.compression, hr_index, process, progress=progress)
     except OSError as exc:
-        raise _disk_error(exc, Path(job.output)) from exc
+        raise disk_error(exc, Path(job.output)) from exc
     log(f"wrote {job.output}")
     if not job.keep_workdir:
         shutil.rmtree(wd.path, ignore_errors=True)

@@ -1,0 +1,189 @@
+"""The command line as a user meets it: one-line errors with exit code 2, config files, examples."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, cli, make_archive, read_data, sha256
+
+
+def _mutate(path: Path, fn) -> Path:
+    with h5py.File(path, "r+") as f:
+        fn(f)
+    return path
+
+
+def _replace(name, data):
+    def fn(f):
+        del f[name]
+        f[name] = data
+    return fn
+
+
+BAD_ARCHIVES = {
+    "missing file": (lambda p: p.with_name("absent.h5"), "not found"),
+    "not hdf5": (lambda p: (p.write_bytes(b"plain text, not HDF5" * 100), p)[1], "HDF5"),
+    "truncated": (lambda p: (p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), p)[1], ""),
+    "missing LR": (lambda p: _mutate(p, lambda f: f.__delitem__("/exchange/data_lr")), "--lr"),
+    "missing HR": (lambda p: _mutate(p, lambda f: f.__delitem__("/exchange/data_hr")), "--hr"),
+    "wrong rank": (lambda p: _mutate(p, _replace("/exchange/data_lr", np.zeros((40, 8), np.uint16))), "data_lr"),
+    "empty": (lambda p: _mutate(p, _replace("/exchange/data_lr", np.zeros((0, 8, 12), np.uint16))), "data_lr"),
+    "strings": (lambda p: _mutate(p, _replace("/exchange/data_lr", np.full((40, 8, 12), b"x", dtype="S1"))),
+                "data_lr"),
+    "HR not a multiple": (lambda p: _mutate(p, _replace("/exchange/data_hr", np.zeros((3, 30, 48), np.uint16))),
+                          "multiple"),
+    "different multiple per axis": (lambda p: _mutate(p, _replace("/exchange/data_hr",
+                                                                   np.zeros((3, 32, 36), np.uint16))), "both axes"),
+    "hr_index missing": (lambda p: _mutate(p, lambda f: f.__delitem__("/exchange/hr_index")), "--hr-stride"),
+    "hr_index non-integer": (lambda p: _mutate(p, _replace("/exchange/hr_index", np.array([3.5, 11, 30]))),
+                             "hr_index"),
+    "hr_index not increasing": (lambda p: _mutate(p, _replace("/exchange/hr_index", np.array([3, 30, 11]))),
+                                "increasing"),
+    "hr_index out of range": (lambda p: _mutate(p, _replace("/exchange/hr_index", np.array([3, 11, 40]))),
+                              "outside"),
+    "hr_index count mismatch": (lambda p: _mutate(p, _replace("/exchange/hr_index", np.array([3, 11]))),
+                                "hr_index"),
+    "fewer than 2 key frames": (lambda p: _mutate(p, lambda f: (_replace("/exchange/hr_index", np.array([3]))(f),
+                                                              _replace("/exchange/data_hr",
+                                                                       np.zeros((1, 32, 48), np.uint16))(f))),
+                                "key frame"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARCHIVES))
+def test_bad_input_gives_one_line_exit_2_and_no_output(tmp_path, tiny_weights, case):
+    archive = make_archive(tmp_path / "a.h5")
+    make, expect = BAD_ARCHIVES[case]
+    bad = make(archive)
+    before = sha256(bad) if bad.exists() else None
+    out = tmp_path / "out.h5"
+    r = cli("reconstruct", bad, "-o", out, "--weights", tiny_weights)
+    assert r.returncode == 2, (case, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    assert expect.lower() in lines[0].lower(), lines[0]
+    assert not out.exists() and not (tmp_path / "out.h5.xvr").exists()
+    if before:
+        assert sha256(bad) == before  # never modified
+
+
+def test_nan_in_float_archive(tmp_path, tiny_weights):
+    arc = make_archive(tmp_path / "a.h5", dtype=np.float32)
+    _mutate(arc, lambda f: f["/exchange/data_lr"].__setitem__((5, 2, 3), np.nan))
+    r = cli("reconstruct", arc, "-o", tmp_path / "o.h5", "--weights", tiny_weights)
+    assert r.returncode == 2 and "NaN" in r.stderr or "finite" in r.stderr.lower()
+    assert not (tmp_path / "o.h5").exists()
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = cli("--debug", "reconstruct", tmp_path / "absent.h5", "-o", tmp_path / "o.h5")
+    assert r.returncode == 2 and "Traceback" in r.stderr and "error:" in r.stderr
+
+
+def test_output_exists_and_folder_problems(tmp_path, archive, tiny_weights):
+    out = tmp_path / "o.h5"
+    out.write_bytes(b"precious")
+    r = cli("reconstruct", archive, "-o", out, "--weights", tiny_weights)
+    assert r.returncode == 2 and "--overwrite" in r.stderr and out.read_bytes() == b"precious"
+    r = cli("reconstruct", archive, "-o", tmp_path / "nodir" / "o.h5", "--weights", tiny_weights)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = cli("reconstruct", archive, "-o", archive, "--weights", tiny_weights, "--overwrite")
+    assert r.returncode == 2 and "input" in r.stderr
+
+
+def _mount_tmpfs(path: Path, options: str) -> None:
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="needs root to mount a tmpfs")
+def test_output_folder_not_writable(tmp_path, archive, tiny_weights):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _mount_tmpfs(ro, "ro,size=64k")  # read-only: not writable even for root
+    try:
+        r = cli("reconstruct", archive, "-o", ro / "o.h5", "--weights", tiny_weights)
+        assert r.returncode == 2 and "not writable" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        subprocess.run(["umount", str(ro)])
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="needs root to mount a small tmpfs")
+def test_disk_full_is_one_line_and_resumable(tmp_path, archive, tiny_weights):
+    small = tmp_path / "small"
+    small.mkdir()
+    _mount_tmpfs(small, "size=300k")
+    try:
+        r = cli("reconstruct", archive, "-o", small / "o.h5", "--weights", tiny_weights, "--unit-frames", 5,
+                "--compression", "none")
+        assert r.returncode == 2, r.stderr
+        assert "disk full" in r.stderr and "Traceback" not in r.stderr
+        assert not (small / "o.h5").exists()
+        assert not list(small.glob(".o.h5.tmp-*"))
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
+def test_config_file_keys_mirror_flags_and_flags_win(tmp_path, archive, tiny_weights):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'weights = "{tiny_weights}"\n[reconstruct]\nunit-frames = 5\ndtype = "uint16"\n')
+    r = cli("reconstruct", archive, "-o", tmp_path / "a.h5", "--config", cfg, "-q", "--keep-workdir")
+    assert r.returncode == 0, r.stderr
+    assert read_data(tmp_path / "a.h5").dtype == np.uint16
+    import json
+    man = json.loads((tmp_path / "a.h5.xvr" / "manifest.json").read_text())
+    assert man["plan"]["unit_frames"] == 5
+    r = cli("reconstruct", archive, "-o", tmp_path / "b.h5", "--config", cfg, "--dtype", "float32", "-q")
+    assert r.returncode == 0, r.stderr
+    assert read_data(tmp_path / "b.h5").dtype == np.float32  # the flag wins over the file
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[reconstruct]\nunit-framez = 5\n")
+    r = cli("reconstruct", archive, "-o", tmp_path / "c.h5", "--config", bad)
+    assert r.returncode == 2 and "unknown key 'unit-framez'" in r.stderr
+
+
+def test_inspect_and_plan_write_nothing(tmp_path, archive, tiny_weights):
+    r = cli("inspect", archive, check=True)
+    assert "40 x 8 x 12" in r.stdout and "key frames" in r.stdout
+    r = cli("plan", archive, "--weights", tiny_weights, "--unit-frames", 7, check=True)
+    assert "units: 6" in r.stdout and "TFLOP" in r.stdout and "GiB" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5"] or sorted(p.name for p in tmp_path.iterdir()) == [
+        "archive.h5"]
+
+
+def test_convert_weights_round_trip(tmp_path):
+    fixture = REPO.parent / "shared" / "fixtures" / "xfusion_parity_small.pt"
+    if not fixture.exists():
+        pytest.skip("reference fixture not available")
+    import yaml
+    data = torch.load(fixture, weights_only=True)
+    case = data["cases"][1]
+    torch.save(case["checkpoint"], tmp_path / "xf.pth")
+    (tmp_path / "net.yml").write_text(yaml.safe_dump({"network_g": dict(data["config"], type="PatchTransformerVSTF")}))
+    cli("convert-weights", tmp_path / "xf.pth", "--network-g", tmp_path / "net.yml", "-o", tmp_path / "ours.pt",
+        check=True)
+    from xvr_batch.model import load_checkpoint
+    model, ckpt = load_checkpoint(tmp_path / "ours.pt")
+    assert ckpt["format_version"] == 1 and ckpt["config"]["head"] == "all"
+    with torch.no_grad():
+        assert (model(case["lq"], case["hq"]) - case["out"]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("script", ["examples/quickstart.sh", "examples/custom_paths/run.sh"])
+def test_examples_run(tmp_path, script):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    r = subprocess.run(["bash", str(REPO / script), str(tmp_path / "work")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
