@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import hdf5plugin  # noqa: F401  (the output is zstd-compressed)
 import numpy as np
 import pytest
 import torch

@@ -1,0 +1,1021 @@
+"""Synthetic high-speed x-ray imaging archives (DESIGN.md sections 1 and 3).
+
+:func:`generate` renders a two-camera recording of a moving sample the way a synchrotron
+high-speed radiography experiment sees it; :func:`write_archive` stores it in the archive layout
+of DESIGN.md section 3; :func:`synthesize` does both and returns a short summary.
+
+Physics model
+-------------
+All geometry lives on the HR pixel grid: lengths are in HR pixels, and pixel ``(i, j)`` covers
+``[i, i+1) x [j, j+1)`` (its centre is at ``(i + 0.5, j + 0.5)``). Time is the LR frame index.
+
+1. **Scene.** The sample is described by its projected attenuation
+   ``A(x, y, t) = integral of mu dz`` (Beer-Lambert exponent, dimensionless), the sum of a static
+   textured background and one or more moving *families* (see below). Every component is
+   rendered analytically with sub-pixel positions and area-integrated (anti-aliased) edges:
+   spheres and cylinders use the exact pixel integral of their chord ``2*sqrt(r^2 - u^2)`` along
+   x (and sub-rows along y), hard edges use the exact 1-D pixel coverage of their signed
+   distance. Voids (cavities, pores, cracks) remove attenuation of the substrate and are masked
+   to where the substrate is.
+2. **Absorption and phase contrast.** The exit intensity of a unit beam is
+   ``I = exp(-A) * (1 + c * laplacian(A))``. This is the near-field transport-of-intensity
+   result ``I_z = I_0 * (1 - (z/k) * laplacian(phi))`` with the phase ``phi = -k * delta * T``
+   proportional to the projected thickness (homogeneous-object assumption: ``delta/beta`` is
+   the same for every material, so ``z * delta * T`` is ``c * A`` for one per-archive ``c``).
+   Subtracting the Laplacian of the phase puts a bright fringe on the outer (thin) side of every
+   edge and a dark fringe on the inner side, as propagation-based phase contrast does. The
+   factor is clipped to ``[0.3, 2]`` to stay in the regime where the linear TIE is sensible.
+3. **Beam.** The illumination is a broad 2-D Gaussian (wider horizontally, as a synchrotron beam
+   is) times a few weak horizontal bands (monochromator/mirror stripes). Its centre, its
+   intensity (ring current, mono vibration) and the band phases drift slowly over time.
+4. **Cameras.** Both cameras see the same scene at the same instants (short exposures, no
+   motion blur) and are registered to each other.
+
+   * HR camera, only at the key-frame times ``hr_index``: expected photons per HR pixel
+     ``hr_dose * beam * I * P_hr`` (``P`` is the camera's fixed gain pattern: pixel response
+     non-uniformity, scintillator blemishes, vignetting), Poisson noise, scintillator blur
+     (Gaussian PSF), conversion gain ``gain_hr`` ADU/photon, a per-pixel dark map (offset,
+     column pattern, hot pixels) and Gaussian read noise.
+   * LR camera, at every step: the same exit intensity area-integrated over ``scale x scale``
+     blocks (mean of the HR pixels of each LR pixel), at a *low* dose ``lr_dose`` photons per LR
+     pixel (a few hundred), Poisson noise, its own PSF, gain, dark map and read noise.
+   * Darks (dark map + read noise) and flats (beam without the sample, recorded just before the
+     sequence, so the beam has drifted a little by the end) for both cameras.
+
+   ``hr_dose`` and ``lr_dose`` are the photons per pixel of the open beam at its peak.
+5. **Ground truth.** ``/exchange/data_gt`` is the *noise-free expected* HR camera signal at
+   every step: ``gain_hr * PSF(hr_dose * beam * I * P_hr) + dark_map_hr``, i.e. the mean of
+   what the HR camera would have recorded (dark offset, fixed pattern and beam included), so
+   ``data_hr[k]`` equals ``data_gt[hr_index[k]]`` up to photon and read noise and quantisation.
+   It is always float32 (expected values are not integers), in the units of ``data_hr``.
+
+Units and dtypes
+----------------
+Signals are computed in 16-bit ADU. ``dtype="uint16"`` stores them rounded and clipped to
+``[0, 65535]``; ``"uint8"`` divides by 257 (so 65535 ADU -> 255), rounds and clips; ``"float32"``
+divides by 65535 and clips to ``[0, 1]`` without rounding. ``data_gt`` is scaled the same way
+but never rounded. Gains are drawn so that the open beam fills 40-70 % (HR) and 25-55 % (LR) of
+the 16-bit range, so bright phase fringes rarely saturate.
+
+Families
+--------
+``static``
+    Always present: a metal substrate (plate along the beam) whose top surface is a slightly
+    rough, tilted line across the field, with grain/density texture made from filtered noise,
+    a layer of powder grains resting on the surface (powder bed), and the weakly textured
+    windows of the sample holder. ``families=["static"]`` gives a scene without motion.
+``particles``
+    Spatter / droplets / tracer particles: tens of small dense spheres (radius 1.2-5 HR px)
+    moving along a common direction with spread in speed and direction and a weak gravity-like
+    acceleration, re-entering from the opposite side after leaving the field.
+``cavity``
+    A keyhole in a melt pool: a narrow vapour cavity below the surface whose depth oscillates,
+    whose walls carry protrusions travelling downwards, which drifts sideways, inside a slightly
+    less dense melt pool, and which sheds pores that are carried away by the flow and trapped.
+``rotor``
+    A rigid toothed disc with a hub, a shaft and rings of holes (plus one marker hole),
+    rotating in the image plane.
+``crack``
+    One to three cracks (with branches) nucleating at staggered times on the surface or the side
+    of the substrate, running along a persistent random path; the opening behind the tip grows
+    like the square root of the distance to the tip and widens slowly over time.
+
+Speed
+-----
+``speed`` is the characteristic image velocity in LR pixels per frame of the moving families:
+particle speed, rim speed of the rotor, crack tip speed, speed of the keyhole wall protrusions
+(and the rate of depth oscillation). ``None`` draws one value per family, log-uniformly in
+``[0.1, 4]``.
+
+Determinism
+-----------
+All randomness comes from :class:`numpy.random.Generator` objects seeded from ``seed`` only
+(one independent stream per component), so the same arguments give identical arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["FAMILIES", "MOVING_FAMILIES", "generate", "write_archive", "synthesize"]
+
+#: Names of the scene families. ``static`` (the textured background) is always present.
+FAMILIES: tuple[str, ...] = ("static", "particles", "cavity", "rotor", "crack")
+
+#: The families that move; ``families=None`` draws 1-3 of these.
+MOVING_FAMILIES: tuple[str, ...] = FAMILIES[1:]
+
+#: Range of the per-family speed (LR px/frame) drawn when ``speed`` is None (log-uniform).
+SPEED_RANGE: tuple[float, float] = (0.1, 4.0)
+#: Range of the LR dose (photons per LR pixel, open beam) drawn when ``lr_dose`` is None.
+LR_DOSE_RANGE: tuple[float, float] = (80.0, 800.0)
+#: Range of the HR dose (photons per HR pixel, open beam) drawn when ``hr_dose`` is None.
+HR_DOSE_RANGE: tuple[float, float] = (3000.0, 15000.0)
+
+_ADU_MAX = 65535.0
+_DTYPES = ("uint16", "uint8", "float32")
+_FORMAT = "xvr_batch.synth/1"
+
+# Independent random streams (SeedSequence spawn keys).
+_STREAM_CHOICE, _STREAM_BACKGROUND, _STREAM_BEAM, _STREAM_CAMERA, _STREAM_NOISE = 0, 1, 2, 3, 4
+_STREAM_FAMILY0 = 10
+
+
+# ----------------------------------------------------------------------------------------------
+# small numerical helpers
+# ----------------------------------------------------------------------------------------------
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream,)))
+
+
+def _loguniform(rng: np.random.Generator, lo: float, hi: float, size: Any = None) -> Any:
+    return np.exp(rng.uniform(math.log(lo), math.log(hi), size))
+
+
+def _gauss_kernel(sigma: float, truncate: float = 3.0) -> np.ndarray:
+    r = max(1, int(math.ceil(truncate * sigma)))
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of the last two axes (symmetric boundary), float32."""
+    img = np.asarray(img, dtype=np.float32)
+    if sigma <= 0:
+        return img.copy()
+    k = _gauss_kernel(sigma)
+    r = len(k) // 2
+    lead = [(0, 0)] * (img.ndim - 2)
+    h, w = img.shape[-2:]
+    p = np.pad(img, lead + [(r, r), (0, 0)], mode="symmetric")
+    tmp = k[0] * p[..., 0:h, :]
+    for i in range(1, len(k)):
+        tmp += k[i] * p[..., i : i + h, :]
+    p = np.pad(tmp, lead + [(0, 0), (r, r)], mode="symmetric")
+    out = k[0] * p[..., :, 0:w]
+    for i in range(1, len(k)):
+        out += k[i] * p[..., :, i : i + w]
+    return out
+
+
+def _bin(img: np.ndarray, s: int) -> np.ndarray:
+    """Area integration: mean over ``s x s`` blocks of the last two axes."""
+    h, w = img.shape[-2] // s, img.shape[-1] // s
+    return img.reshape(img.shape[:-2] + (h, s, w, s)).mean(axis=(-3, -1))
+
+
+def _laplacian(a: np.ndarray) -> np.ndarray:
+    """5-point Laplacian (per HR px^2) with replicated edges."""
+    p = np.pad(a, 1, mode="edge")
+    return p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4.0 * a
+
+
+def _filtered_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Zero-mean, unit-std Gaussian-filtered white noise (correlation length ``sigma`` px)."""
+    white = rng.standard_normal(shape)
+    freqs = [np.fft.fftfreq(n) for n in shape[:-1]] + [np.fft.rfftfreq(shape[-1])]
+    grids = np.meshgrid(*freqs, indexing="ij")
+    f2 = sum(g * g for g in grids)
+    spec = np.fft.rfftn(white) * np.exp(-2.0 * (math.pi * sigma) ** 2 * f2)
+    n = np.fft.irfftn(spec, s=shape, axes=tuple(range(len(shape))))
+    n -= n.mean()
+    sd = n.std()
+    return (n / sd if sd > 0 else n).astype(np.float32)
+
+
+def _chord_pixels(edges: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """Exact per-pixel mean of ``2*sqrt(rho^2 - u^2)_+`` between consecutive ``edges``.
+
+    ``edges`` (..., n+1) are unit-spaced pixel boundaries relative to the circle centre and
+    ``rho`` broadcasts against them; the result has shape (..., n). Integrating the chord of a
+    circle over each pixel gives an anti-aliased, sub-pixel accurate projection of spheres and
+    cylinders. The antiderivative is evaluated once per edge and differenced.
+    """
+    uc = np.clip(edges, -rho, rho)
+    ratio = np.divide(uc, rho, out=np.zeros(uc.shape), where=rho > 0)
+    prim = uc * np.sqrt(np.maximum(rho * rho - uc * uc, 0.0)) + rho * rho * np.arcsin(
+        np.clip(ratio, -1.0, 1.0)
+    )
+    return np.diff(prim, axis=-1)
+
+
+def _band_coverage(d: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """Exact 1-D pixel coverage of a band of ``width`` centred ``d`` px from the pixel centre."""
+    half = 0.5 * width
+    return np.clip(np.minimum(0.5, d + half) - np.maximum(-0.5, d - half), 0.0, 1.0)
+
+
+def _splat_spheres(
+    shape: tuple[int, int],
+    cy: np.ndarray,
+    cx: np.ndarray,
+    r: np.ndarray,
+    amp: np.ndarray,
+    sub_rows: int = 3,
+) -> np.ndarray:
+    """Sum of ``amp * chord`` of spheres (HR px), area-integrated per pixel, as (H, W) float32.
+
+    Each sphere is rendered in a small patch around its centre: exact integration along x and
+    ``sub_rows`` sub-samples along y. Spheres partly or fully outside the frame are clipped.
+    """
+    hh, ww = shape
+    cy, cx, r, amp = (np.asarray(a, dtype=np.float64).ravel() for a in (cy, cx, r, amp))
+    if r.size == 0:
+        return np.zeros(shape, np.float32)
+    half = int(math.ceil(r.max())) + 1
+    off = np.arange(2 * half + 1)
+    rows = np.floor(cy).astype(np.int64)[:, None] - half + off  # (P, ps)
+    cols = np.floor(cx).astype(np.int64)[:, None] - half + off  # (P, ps)
+    ysub = rows[:, :, None] + (np.arange(sub_rows) + 0.5) / sub_rows  # (P, ps, ss)
+    dy = ysub - cy[:, None, None]
+    rho = np.sqrt(np.maximum(r[:, None, None] ** 2 - dy * dy, 0.0))[..., None]  # (P, ps, ss, 1)
+    edges = np.concatenate([cols, cols[:, -1:] + 1], axis=1) - cx[:, None]  # (P, ps+1)
+    val = _chord_pixels(edges[:, None, None, :], rho).mean(axis=2)  # (P, ps, ps)
+    val *= amp[:, None, None]
+    valid = ((rows >= 0) & (rows < hh))[:, :, None] & ((cols >= 0) & (cols < ww))[:, None, :]
+    idx = rows[:, :, None] * ww + cols[:, None, :]
+    out = np.bincount(idx[valid], weights=val[valid], minlength=hh * ww)
+    return out.reshape(shape).astype(np.float32)
+
+
+def _wrap(p: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return lo + np.mod(p - lo, hi - lo)
+
+
+# ----------------------------------------------------------------------------------------------
+# scene: static background and moving families
+# ----------------------------------------------------------------------------------------------
+class _Background:
+    """Static textured background: substrate + powder layer + sample-holder windows."""
+
+    def __init__(self, rng: np.random.Generator, shape: tuple[int, int]):
+        hh, ww = shape
+        self.shape = shape
+        self.x = np.arange(ww) + 0.5
+        self.y = np.arange(hh) + 0.5
+        self.y0 = float(rng.uniform(0.4, 0.65) * hh)
+        rough = _filtered_noise(rng, (ww,), max(2.0, ww / 25.0)) * rng.uniform(0.5, 2.5)
+        tilt = rng.uniform(-0.03, 0.03)
+        self.y_surf = (self.y0 + rough + tilt * (self.x - ww / 2)).astype(np.float64)
+        # area coverage of the substrate (1-px linear ramp == exact for a locally flat edge)
+        self.sub_mask = np.clip(self.y[:, None] - self.y_surf[None, :] + 0.5, 0.0, 1.0).astype(
+            np.float32
+        )
+        self.l_sub = max(20.0, float(rng.uniform(0.3, 0.7)) * max(hh, ww))  # along the beam, px
+        a_tot = float(rng.uniform(0.7, 1.6))  # attenuation through the plate
+        self.mu_sub = a_tot / self.l_sub
+        micro = _filtered_noise(rng, shape, rng.uniform(1.5, 4.0))
+        meso = _filtered_noise(rng, shape, max(hh, ww) / 10.0)
+        texture = 1.0 + rng.uniform(0.01, 0.03) * micro + rng.uniform(0.01, 0.04) * meso
+        a = a_tot * self.sub_mask * texture
+        self.powder = bool(rng.random() < 0.8)
+        if self.powder:
+            h_p = rng.uniform(6.0, 18.0)
+            r_mean = rng.uniform(1.8, 4.0)
+            n = int(2.5 * ww * h_p / (math.pi * r_mean**2))
+            r = np.clip(rng.normal(r_mean, 0.3 * r_mean, n), 1.0, 2.0 * r_mean)
+            cx = rng.uniform(0.0, ww, n)
+            cy = np.interp(cx, self.x, self.y_surf) - r * rng.uniform(0.2, 1.0, n)
+            cy -= rng.uniform(0.0, max(h_p - 2 * r_mean, 0.5), n) * rng.random(n) ** 0.7
+            a += _splat_spheres(shape, cy, cx, r, np.full(n, self.mu_sub))
+        holder = rng.uniform(0.03, 0.15) * (
+            1.0 + 0.05 * _filtered_noise(rng, shape, max(hh, ww) / 8.0)
+        )
+        self.attenuation = (a + holder).astype(np.float32)
+
+
+class _Family:
+    """A moving scene family: ``attenuation(t)`` is its (H, W) contribution to ``A`` at time t.
+
+    Voids return negative values (removed substrate). ``v`` is the family's characteristic
+    image speed in HR pixels per frame.
+    """
+
+    name = ""
+
+    def __init__(self, rng: np.random.Generator, bg: _Background, v: float, n_frames: int):
+        self.bg = bg
+        self.v = v  # HR px per frame
+        self.n_frames = n_frames
+
+    def attenuation(self, t: float) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _Particles(_Family):
+    """Spatter/droplets/tracers: small dense spheres in a common flow, wrapped periodically."""
+
+    name = "particles"
+
+    def __init__(self, rng: np.random.Generator, bg: _Background, v: float, n_frames: int):
+        super().__init__(rng, bg, v, n_frames)
+        hh, ww = bg.shape
+        n = max(5, int(rng.integers(15, 60) * hh * ww / 65536.0))
+        self.r = _loguniform(rng, 1.2, 5.0, n)
+        self.mu = np.full(n, rng.uniform(0.02, 0.06))
+        theta = rng.uniform(0.0, 2 * math.pi) + rng.normal(0.0, 0.3, n)
+        speed = v * _loguniform(rng, 0.6, 1.5, n)
+        self.vel = np.stack([speed * np.sin(theta), speed * np.cos(theta)])  # (2, n): vy, vx
+        self.acc = np.array([rng.uniform(0.0, 0.5) * v / max(n_frames, 1), 0.0])[:, None]
+        self.m = float(math.ceil(self.r.max()) + 2)
+        self.p0 = np.stack(
+            [rng.uniform(-self.m, hh + self.m, n), rng.uniform(-self.m, ww + self.m, n)]
+        )
+
+    def positions(self, t: float) -> np.ndarray:
+        hh, ww = self.bg.shape
+        p = self.p0 + self.vel * t + 0.5 * self.acc * t * t
+        return np.stack(
+            [_wrap(p[0], -self.m, hh + self.m), _wrap(p[1], -self.m, ww + self.m)]
+        )
+
+    def attenuation(self, t: float) -> np.ndarray:
+        p = self.positions(t)
+        return _splat_spheres(self.bg.shape, p[0], p[1], self.r, self.mu)
+
+
+class _Cavity(_Family):
+    """Keyhole (vapour cavity) in a melt pool, with oscillating depth, wall waves and pores."""
+
+    name = "cavity"
+
+    def __init__(self, rng: np.random.Generator, bg: _Background, v: float, n_frames: int):
+        super().__init__(rng, bg, v, n_frames)
+        hh, ww = bg.shape
+        avail = max(hh - bg.y0 - 3.0, 4.0)
+        self.d0 = rng.uniform(0.45, 0.85) * avail
+        self.w0 = max(2.0, rng.uniform(0.03, 0.07) * ww)  # half-width, px
+        self.x0 = rng.uniform(0.3, 0.7) * ww
+        self.ax = rng.uniform(0.0, 0.08) * ww
+        self.px = max(2 * math.pi * self.ax * 3.0 / max(v, 1e-6), 30.0)
+        self.phx = rng.uniform(0, 2 * math.pi)
+        self.tilt = rng.uniform(-0.3, 0.3)
+        k = 3
+        lam = np.maximum(rng.uniform(0.15, 0.5, k) * self.d0, 4.0)
+        self.wave_k = 2 * math.pi / lam
+        self.wave_w = self.wave_k * v  # protrusions travel down at speed v
+        self.wave_a = rng.uniform(0.02, 0.08, k)
+        self.wave_b = rng.uniform(0.05, 0.2, k) * self.w0
+        self.wave_ph = rng.uniform(0, 2 * math.pi, (2, k))
+        self.a_d = rng.uniform(0.08, 0.2)
+        self.p_d = max(2 * math.pi * self.a_d * self.d0 / max(v, 1e-6), 6.0)
+        self.ph_d = rng.uniform(0, 2 * math.pi, 2)
+        # melt pool (ellipsoid, liquid slightly less dense than the solid)
+        self.mp_a = rng.uniform(3.0, 6.0) * self.w0
+        self.mp_b = rng.uniform(1.0, 1.3) * self.d0
+        self.mp_c = min(self.mp_a, bg.l_sub / 2)
+        self.mp_drho = rng.uniform(0.04, 0.1)
+        self.mp_shift = rng.uniform(0.0, 0.5) * self.mp_a * math.copysign(1.0, self.tilt)
+        # pores pinched off at the keyhole tip, carried by the flow, then trapped
+        n_p = int(rng.poisson(rng.uniform(0.01, 0.05) * n_frames))
+        self.pore_t = np.sort(rng.uniform(0, n_frames, n_p))
+        self.pore_r = rng.uniform(1.2, min(4.0, max(1.3, 0.8 * self.w0)), n_p)
+        ang = math.pi / 2 + rng.uniform(-1.2, 1.2, n_p)
+        speed = v * rng.uniform(0.3, 1.0, n_p)
+        self.pore_tau = rng.uniform(5.0, 40.0, n_p)
+        self.pore_v = np.stack([speed * np.sin(ang), speed * np.cos(ang)])
+        tip = np.array([self._tip(t) for t in self.pore_t]).reshape(n_p, 2).T
+        self.pore_p0 = tip - np.array([[1.0], [0.0]]) * self.pore_r
+
+    def _xk(self, t: float) -> float:
+        return self.x0 + self.ax * math.sin(2 * math.pi * t / self.px + self.phx)
+
+    def _depth(self, t: float) -> float:
+        ph = 2 * math.pi * t / self.p_d
+        return self.d0 * (
+            1.0
+            + self.a_d * math.sin(ph + self.ph_d[0])
+            + 0.3 * self.a_d * math.sin(2.7 * ph + self.ph_d[1])
+        )
+
+    def _surface(self, x: float) -> float:
+        return float(np.interp(x, self.bg.x, self.bg.y_surf))
+
+    def _tip(self, t: float) -> tuple[float, float]:
+        xk, d = self._xk(t), self._depth(t)
+        return self._surface(xk) + d, xk + self.tilt * d
+
+    def attenuation(self, t: float) -> np.ndarray:
+        hh, ww = self.bg.shape
+        out = np.zeros(self.bg.shape, np.float32)
+        xk, d = self._xk(t), self._depth(t)
+        ys = self._surface(xk)
+        mu = self.bg.mu_sub
+        # --- melt pool: ellipsoid chord scaled to its extent along the beam ---
+        xm = xk + self.mp_shift
+        r0, r1 = max(int(ys) - 2, 0), min(int(math.ceil(ys + self.mp_b)) + 1, hh)
+        c0, c1 = max(int(xm - self.mp_a) - 1, 0), min(int(math.ceil(xm + self.mp_a)) + 1, ww)
+        if r1 > r0 and c1 > c0:
+            ss = 2
+            ysub = (np.arange(r0, r1)[:, None] + (np.arange(ss) + 0.5) / ss).ravel()
+            e = np.clip((ysub - ys) / self.mp_b, 0.0, 1.0)
+            rho = (self.mp_a * np.sqrt(1.0 - e * e) * (ysub >= ys))[:, None]
+            edges = (np.arange(c0, c1 + 1) - xm)[None, :]
+            chord = _chord_pixels(edges, rho) * (self.mp_c / self.mp_a)
+            chord = chord.reshape(r1 - r0, ss, c1 - c0).mean(axis=1)
+            out[r0:r1, c0:c1] -= self.mp_drho * mu * chord
+        # --- keyhole: cylinder of varying radius along a wavy, tilted axis ---
+        y_tip = ys + d
+        r0, r1 = max(int(ys) - 3, 0), min(int(math.ceil(y_tip)) + 1, hh)
+        if r1 > r0:
+            ss = 4
+            ysub = (np.arange(r0, r1)[:, None] + (np.arange(ss) + 0.5) / ss).ravel()
+            depth = np.maximum(ysub - ys, 0.0)
+            arg = self.wave_k[None, :] * depth[:, None] - self.wave_w[None, :] * t
+            hw = self.w0 * (1.0 + 0.5 * np.exp(-depth / (0.1 * self.d0)))
+            hw = hw * (1.0 + (self.wave_a * np.sin(arg + self.wave_ph[0])).sum(axis=1))
+            hw = hw * np.sqrt(np.clip((y_tip - ysub) / (2.0 * self.w0), 0.0, 1.0))
+            hw = np.maximum(hw, 0.0)
+            xc = xk + self.tilt * depth + (self.wave_b * np.sin(arg + self.wave_ph[1])).sum(axis=1)
+            c0 = max(int(math.floor((xc - hw).min())) - 1, 0)
+            c1 = min(int(math.ceil((xc + hw).max())) + 2, ww)
+            if c1 > c0:
+                edges = np.arange(c0, c1 + 1)[None, :] - xc[:, None]
+                chord = _chord_pixels(edges, hw[:, None])
+                chord = chord.reshape(r1 - r0, ss, c1 - c0).mean(axis=1)
+                out[r0:r1, c0:c1] -= mu * chord
+        # --- pores: decelerating with the flow, trapped at the end ---
+        alive = self.pore_t <= t
+        if alive.any():
+            tau = self.pore_tau[alive]
+            s = tau * (1.0 - np.exp(-(t - self.pore_t[alive]) / tau))
+            p = self.pore_p0[:, alive] + self.pore_v[:, alive] * s
+            r = self.pore_r[alive]
+            py = np.clip(p[0], np.interp(p[1], self.bg.x, self.bg.y_surf) + r + 1, hh - r - 1)
+            out -= _splat_spheres(self.bg.shape, py, p[1], r, np.full(r.size, mu))
+        out *= self.bg.sub_mask
+        return out
+
+
+class _Rotor(_Family):
+    """Rigid toothed disc with hub, shaft and holes, rotating in the image plane."""
+
+    name = "rotor"
+
+    def __init__(self, rng: np.random.Generator, bg: _Background, v: float, n_frames: int):
+        super().__init__(rng, bg, v, n_frames)
+        hh, ww = bg.shape
+        self.r0 = rng.uniform(0.22, 0.4) * min(hh, ww)
+        self.cy = rng.uniform(0.6 * self.r0, hh - 0.6 * self.r0)
+        self.cx = rng.uniform(0.6 * self.r0, ww - 0.6 * self.r0)
+        self.n_teeth = int(rng.integers(12, 40))
+        self.h_teeth = rng.uniform(0.04, 0.08) * self.r0
+        self.a_plate = rng.uniform(0.2, 0.6)
+        self.r_hub = rng.uniform(0.15, 0.25) * self.r0
+        self.a_hub = self.a_plate * rng.uniform(1.5, 2.5)
+        self.r_shaft = 0.45 * self.r_hub
+        self.a_shaft = rng.uniform(0.8, 1.5)
+        self.rings = [  # (count, ring radius, hole radius, phase)
+            (int(rng.integers(4, 11)), rng.uniform(0.6, 0.72) * self.r0,
+             rng.uniform(0.08, 0.14) * self.r0, rng.uniform(0, 2 * math.pi)),
+            (int(rng.integers(3, 9)), rng.uniform(0.36, 0.44) * self.r0,
+             rng.uniform(0.05, 0.08) * self.r0, rng.uniform(0, 2 * math.pi)),
+        ]
+        self.marker = (rng.uniform(0.5, 0.55) * self.r0, 0.035 * self.r0 + 0.6,
+                       rng.uniform(0, 2 * math.pi))
+        r_rim = self.r0 + self.h_teeth
+        self.omega = v / r_rim * (1.0 if rng.random() < 0.5 else -1.0)  # rad per frame
+        self.phi0 = rng.uniform(0, 2 * math.pi)
+
+    def attenuation(self, t: float) -> np.ndarray:
+        hh, ww = self.bg.shape
+        out = np.zeros(self.bg.shape, np.float32)
+        rmax = self.r0 + self.h_teeth + 2.0
+        r0, r1 = max(int(self.cy - rmax), 0), min(int(math.ceil(self.cy + rmax)), hh)
+        c0, c1 = max(int(self.cx - rmax), 0), min(int(math.ceil(self.cx + rmax)), ww)
+        if r1 <= r0 or c1 <= c0:
+            return out
+        yy = (np.arange(r0, r1) + 0.5 - self.cy).astype(np.float32)[:, None]
+        xx = (np.arange(c0, c1) + 0.5 - self.cx).astype(np.float32)[None, :]
+        rr = np.hypot(yy, xx)
+        th = np.arctan2(yy, xx) - (self.phi0 + self.omega * t)
+        rim = self.r0 + 0.5 * self.h_teeth * np.clip(1.6 * np.sin(self.n_teeth * th), -1, 1)
+        plate = np.clip(0.5 + rim - rr, 0.0, 1.0)
+        for n, rho, rad, ph in self.rings:
+            per = 2 * math.pi / n
+            dth = np.mod(th - ph + per / 2, per) - per / 2
+            dist = np.sqrt(np.maximum(rr * rr + rho * rho - 2 * rr * rho * np.cos(dth), 0.0))
+            plate *= 1.0 - np.clip(0.5 + rad - dist, 0.0, 1.0)
+        rho, rad, ph = self.marker
+        dist = np.sqrt(np.maximum(rr * rr + rho * rho - 2 * rr * rho * np.cos(th - ph), 0.0))
+        plate *= 1.0 - np.clip(0.5 + rad - dist, 0.0, 1.0)
+        hub = np.clip(0.5 + self.r_hub - rr, 0.0, 1.0)
+        shaft = np.clip(0.5 + self.r_shaft - rr, 0.0, 1.0)
+        a = self.a_plate * plate + (self.a_hub - self.a_plate) * hub
+        a += (self.a_shaft - self.a_hub) * shaft
+        out[r0:r1, c0:c1] = a
+        return out
+
+
+class _Crack(_Family):
+    """Cracks running along persistent random paths, opening like sqrt(distance to the tip)."""
+
+    name = "crack"
+
+    def __init__(self, rng: np.random.Generator, bg: _Background, v: float, n_frames: int):
+        super().__init__(rng, bg, v, n_frames)
+        hh, ww = bg.shape
+        self.cracks: list[dict[str, Any]] = []
+        n = int(rng.integers(1, 4))
+        for k in range(n):
+            t0 = n_frames * (0.85 * k / n) + rng.uniform(0.0, 0.15 * n_frames / n)
+            if rng.random() < 0.7:
+                x = rng.uniform(0.1, 0.9) * ww
+                y = float(np.interp(x, bg.x, bg.y_surf)) - 1.0
+                heading = math.pi / 2 + rng.normal(0.0, 0.3)
+            else:
+                side = rng.random() < 0.5
+                x = 0.0 if side else float(ww)
+                y = rng.uniform(bg.y0 + 0.2 * (hh - bg.y0), hh - 3.0)
+                heading = (0.0 if side else math.pi) + rng.normal(0.0, 0.2)
+            length = rng.uniform(0.4, 1.0) * max(hh, ww)
+            w_max = rng.uniform(1.0, 4.0)
+            pts = self._walk(rng, x, y, heading, length)
+            self._add(rng, pts, t0, w_max)
+            if rng.random() < 0.5 and len(pts) > 20:
+                i = int(rng.integers(len(pts) // 3, 2 * len(pts) // 3))
+                seg = pts[i] - pts[i - 1]
+                h0 = math.atan2(seg[1], seg[0]) + rng.choice([-1.0, 1.0]) * rng.uniform(0.3, 0.8)
+                bpts = self._walk(rng, pts[i, 0], pts[i, 1], h0, 0.5 * length)
+                self._add(rng, bpts, t0 + i / max(v, 1e-6), 0.6 * w_max)
+
+    def _walk(self, rng: np.random.Generator, x: float, y: float, heading: float,
+              length: float) -> np.ndarray:
+        hh, ww = self.bg.shape
+        n = max(int(length), 2)
+        dth = rng.normal(0.0, 0.07, n)
+        kinks = rng.random(n) < 0.03
+        dth[kinks] += rng.normal(0.0, 0.5, int(kinks.sum()))
+        pts = [(x, y)]
+        th = heading
+        for i in range(n):
+            th += dth[i] + 0.03 * (heading - th)
+            x, y = x + math.cos(th), y + math.sin(th)
+            pts.append((x, y))
+            if not (-1.0 <= x <= ww + 1 and y <= hh + 1):
+                break
+            if i > 3 and y < np.interp(x, self.bg.x, self.bg.y_surf) - 1.0:
+                break
+        return np.asarray(pts, dtype=np.float64)
+
+    def _add(self, rng: np.random.Generator, pts: np.ndarray, t0: float, w_max: float) -> None:
+        hh, ww = self.bg.shape
+        if len(pts) < 2:
+            return
+        pad = 2.0 * w_max + 3.0
+        r0 = max(int(pts[:, 1].min() - pad), 0)
+        r1 = min(int(math.ceil(pts[:, 1].max() + pad)), hh)
+        c0 = max(int(pts[:, 0].min() - pad), 0)
+        c1 = min(int(math.ceil(pts[:, 0].max() + pad)), ww)
+        if r1 <= r0 or c1 <= c0:
+            return
+        gy, gx = np.meshgrid(np.arange(r0, r1) + 0.5, np.arange(c0, c1) + 0.5, indexing="ij")
+        px, py = gx.ravel(), gy.ravel()
+        a, b = pts[:-1], pts[1:]
+        seg = b - a
+        seg_len = np.maximum(np.hypot(seg[:, 0], seg[:, 1]), 1e-9)
+        s_cum = np.concatenate([[0.0], np.cumsum(seg_len)])
+        best_d2 = np.full(px.size, np.inf)
+        best_s = np.zeros(px.size)
+        chunk = max(1, 2_000_000 // max(px.size, 1))
+        for j0 in range(0, len(seg), chunk):
+            sl = slice(j0, j0 + chunk)
+            ax, ay = a[sl, 0][:, None], a[sl, 1][:, None]
+            sx, sy = seg[sl, 0][:, None], seg[sl, 1][:, None]
+            u = np.clip(((px - ax) * sx + (py - ay) * sy) / (seg_len[sl, None] ** 2), 0.0, 1.0)
+            d2 = (px - ax - u * sx) ** 2 + (py - ay - u * sy) ** 2
+            j = np.argmin(d2, axis=0)
+            cols = np.arange(px.size)
+            d2min = d2[j, cols]
+            better = d2min < best_d2
+            best_d2[better] = d2min[better]
+            best_s[better] = (s_cum[j0 + j] + u[j, cols] * seg_len[j0 + j])[better]
+        roughness = np.clip(1.0 + 0.25 * _filtered_noise(rng, (len(s_cum),), 6.0), 0.3, None)
+        rough = np.interp(best_s, s_cum, roughness)
+        widen = rng.uniform(0.2, 1.0)
+        dist = np.sqrt(best_d2)
+        # keep only the pixels the widest opening can reach (a thin band along the path)
+        band = dist <= 0.5 * w_max * (1.0 + widen) * rough + 1.0
+        flat = ((gy.ravel() - 0.5).astype(np.int64) * ww + (gx.ravel() - 0.5).astype(np.int64))
+        self.cracks.append(
+            dict(t0=t0, idx=flat[band], d=dist[band], s=best_s[band], rough=rough[band],
+                 length=float(s_cum[-1]), w_max=w_max, ell=rng.uniform(20.0, 60.0), widen=widen,
+                 a_depth=self.bg.mu_sub * rng.uniform(0.2, 0.6) * self.bg.l_sub)
+        )
+
+    def attenuation(self, t: float) -> np.ndarray:
+        out = np.zeros(self.bg.shape, np.float32)
+        flat = out.reshape(-1)
+        for c in self.cracks:
+            s_tip = min(self.v * (t - c["t0"]), c["length"])
+            if s_tip <= 0:
+                continue
+            grow = 1.0 + c["widen"] * min(max((t - c["t0"]) / self.n_frames, 0.0), 1.0)
+            ds = s_tip - c["s"]
+            w = c["w_max"] * grow * c["rough"] * np.sqrt(np.clip(ds / c["ell"], 0.0, 1.0))
+            flat[c["idx"]] -= c["a_depth"] * _band_coverage(c["d"], w)
+        out *= self.bg.sub_mask
+        return out
+
+
+_FAMILY_CLASSES: dict[str, type[_Family]] = {
+    cls.name: cls for cls in (_Particles, _Cavity, _Rotor, _Crack)
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# beam and cameras
+# ----------------------------------------------------------------------------------------------
+class _Beam:
+    """Broad Gaussian beam with horizontal bands; centre, intensity and bands drift slowly."""
+
+    def __init__(self, rng: np.random.Generator, shape: tuple[int, int], n_frames: int):
+        hh, ww = shape
+        self.y = np.arange(hh) + 0.5
+        self.x = np.arange(ww) + 0.5
+        self.sx = ww * rng.uniform(0.7, 1.6)
+        self.sy = hh * rng.uniform(0.45, 0.9)
+        self.cx0 = ww * (0.5 + rng.uniform(-0.15, 0.15))
+        self.cy0 = hh * (0.5 + rng.uniform(-0.15, 0.15))
+        amp = rng.uniform(0.5, 3.0) * max(hh, ww) / 256.0
+        n = max(n_frames, 2)
+        # (amplitude, period, phase) for the x and y drift of the centre and for the intensity
+        self.drift = [
+            (amp * rng.uniform(0.3, 1.0), rng.uniform(n / 2, 3 * n), rng.uniform(0, 2 * math.pi))
+            for _ in range(2)
+        ]
+        self.flux = [
+            (rng.uniform(0.005, 0.02), rng.uniform(n / 2, 2 * n), rng.uniform(0, 2 * math.pi)),
+            (rng.uniform(0.002, 0.008), rng.uniform(5.0, 30.0), rng.uniform(0, 2 * math.pi)),
+        ]
+        nb = int(rng.integers(2, 5))
+        self.band_k = 2 * math.pi / _loguniform(rng, 5.0, max(8.0, hh / 3.0), nb)
+        self.band_a = rng.uniform(0.004, 0.025, nb)
+        self.band_ph = rng.uniform(0, 2 * math.pi, nb)
+        self.band_v = rng.uniform(-0.01, 0.01, nb)  # px per frame
+        self.band_osc = (rng.uniform(0.0, 0.3), rng.uniform(10.0, 60.0))
+        self.norm = 1.0
+        self.norm = 1.0 / float(self(0.0).max())
+
+    def __call__(self, t: float) -> np.ndarray:
+        (ax, px, phx), (ay, py, phy) = self.drift
+        cx = self.cx0 + ax * math.sin(2 * math.pi * t / px + phx)
+        cy = self.cy0 + ay * math.sin(2 * math.pi * t / py + phy)
+        flux = 1.0 + sum(a * math.sin(2 * math.pi * t / p + ph) for a, p, ph in self.flux)
+        shift = self.band_v * t + self.band_osc[0] * math.sin(2 * math.pi * t / self.band_osc[1])
+        bands = 1.0 + (
+            self.band_a * np.sin(self.band_k * (self.y[:, None] - shift) + self.band_ph)
+        ).sum(axis=1)
+        gy = np.exp(-0.5 * ((self.y - cy) / self.sy) ** 2) * bands
+        gx = np.exp(-0.5 * ((self.x - cx) / self.sx) ** 2)
+        return (self.norm * flux * np.outer(gy, gx)).astype(np.float32)
+
+
+class _Camera:
+    """Gain map (scintillator + pixel response), dark map, PSF, gain and read noise."""
+
+    def __init__(self, rng: np.random.Generator, shape: tuple[int, int], dose: float,
+                 fill: tuple[float, float], offset: tuple[float, float],
+                 read: tuple[float, float], psf: tuple[float, float]):
+        hh, ww = shape
+        self.shape = shape
+        self.dose = float(dose)
+        self.gain = float(rng.uniform(*fill) * _ADU_MAX / self.dose)  # ADU per photon
+        self.offset = float(rng.uniform(*offset))
+        self.read = float(rng.uniform(*read))
+        self.psf = float(rng.uniform(*psf))
+        pattern = 1.0 + 0.008 * rng.standard_normal(shape)
+        pattern += 0.02 * _filtered_noise(rng, shape, max(hh, ww) / 6.0)
+        n_spots = int(rng.integers(2, 8))
+        yy, xx = np.arange(hh) + 0.5, np.arange(ww) + 0.5
+        for _ in range(n_spots):  # scintillator blemishes
+            cy, cx = rng.uniform(0, hh), rng.uniform(0, ww)
+            sig, depth = rng.uniform(0.7, 2.5), rng.uniform(0.03, 0.12)
+            pattern -= depth * np.outer(np.exp(-0.5 * ((yy - cy) / sig) ** 2),
+                                        np.exp(-0.5 * ((xx - cx) / sig) ** 2))
+        self.pattern = pattern.astype(np.float32)
+        dark = self.offset + rng.normal(0.0, rng.uniform(1.0, 5.0), (1, ww))  # column offsets
+        dark = dark + rng.normal(0.0, rng.uniform(0.5, 2.0), shape)  # DSNU
+        hot = rng.random(shape) < 2e-4
+        dark[hot] += rng.uniform(50.0, 500.0, int(hot.sum()))
+        self.dark = dark.astype(np.float32)
+
+    def expected(self, exit_intensity: np.ndarray) -> np.ndarray:
+        """Noise-free mean signal (ADU) for an exit intensity (beam included) on this grid."""
+        lam = self.dose * exit_intensity * self.pattern
+        return self.gain * _blur(lam, self.psf) + self.dark
+
+    def record(self, exit_intensity: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One noisy exposure (ADU): Poisson photons, PSF, gain, dark map, read noise."""
+        lam = self.dose * exit_intensity * self.pattern
+        photons = rng.poisson(np.maximum(lam, 0.0)).astype(np.float32)
+        sig = self.gain * _blur(photons, self.psf) + self.dark
+        return sig + rng.normal(0.0, self.read, self.shape).astype(np.float32)
+
+    def dark_frame(self, rng: np.random.Generator) -> np.ndarray:
+        return self.dark + rng.normal(0.0, self.read, self.shape).astype(np.float32)
+
+
+def _to_dtype(adu: np.ndarray, dtype: str, integer: bool = True) -> np.ndarray:
+    """Convert 16-bit ADU to the stored dtype (see module docstring)."""
+    if dtype == "uint16":
+        x, hi = adu, _ADU_MAX
+    elif dtype == "uint8":
+        x, hi = adu / 257.0, 255.0
+    else:
+        x, hi = adu / _ADU_MAX, 1.0
+    if integer and dtype != "float32":
+        return np.clip(np.rint(x), 0, hi).astype(dtype)
+    return np.clip(x, 0, hi).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+def _resolve_families(families: Any, rng: np.random.Generator) -> list[str]:
+    if families is None:
+        k = int(rng.integers(1, 4))
+        idx = sorted(rng.choice(len(MOVING_FAMILIES), size=k, replace=False).tolist())
+        return [MOVING_FAMILIES[i] for i in idx]
+    if isinstance(families, str):
+        families = [f for f in families.replace("+", ",").split(",") if f.strip()]
+    names = [str(f).strip().lower() for f in families]
+    if not names:
+        raise ValueError(f"families must name at least one of {FAMILIES}")
+    bad = [f for f in names if f not in FAMILIES]
+    if bad:
+        raise ValueError(f"unknown scene families {bad}; choose from {FAMILIES}")
+    moving = [f for f in MOVING_FAMILIES if f in names]  # canonical order, no duplicates
+    return moving
+
+
+def _generate(
+    n_frames: int,
+    hr_shape: tuple[int, int],
+    scale: int,
+    stride: int,
+    offset: int,
+    seed: int,
+    families: Any,
+    speed: float | None,
+    lr_dose: float | None,
+    hr_dose: float | None,
+    dtype: Any,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    n_frames, scale, stride = int(n_frames), int(scale), int(stride)
+    offset, seed = int(offset), int(seed)
+    hh, ww = (int(v) for v in hr_shape)
+    dt = np.dtype(dtype).name
+    if dt not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    if n_frames < 2:
+        raise ValueError(f"n_frames must be >= 2, got {n_frames}")
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    if hh < scale or ww < scale or hh % scale or ww % scale:
+        raise ValueError(f"hr_shape {hr_shape} must be a positive multiple of scale={scale}")
+    if stride < 1 or offset < 0:
+        raise ValueError(f"need stride >= 1 and offset >= 0, got stride={stride} offset={offset}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    hr_index = np.arange(offset, n_frames, stride, dtype=np.int64)
+    if hr_index.size < 2:
+        raise ValueError(
+            f"n_frames={n_frames}, stride={stride}, offset={offset} give {hr_index.size} key "
+            "frame(s); at least 2 are needed"
+        )
+    if speed is not None and not (float(speed) >= 0 and math.isfinite(float(speed))):
+        raise ValueError(f"speed must be a finite number >= 0, got {speed}")
+    for name, dose in (("lr_dose", lr_dose), ("hr_dose", hr_dose)):
+        if dose is not None and not (float(dose) > 0 and math.isfinite(float(dose))):
+            raise ValueError(f"{name} must be a finite number > 0, got {dose}")
+
+    choice = _rng(seed, _STREAM_CHOICE)
+    names = _resolve_families(families, choice)
+    speeds = {
+        f: float(speed) if speed is not None else float(_loguniform(choice, *SPEED_RANGE))
+        for f in names
+    }
+    lr_dose = float(lr_dose) if lr_dose is not None else float(_loguniform(choice, *LR_DOSE_RANGE))
+    hr_dose = float(hr_dose) if hr_dose is not None else float(_loguniform(choice, *HR_DOSE_RANGE))
+
+    h, w = hh // scale, ww // scale
+    bg = _Background(_rng(seed, _STREAM_BACKGROUND), (hh, ww))
+    movers = [
+        _FAMILY_CLASSES[f](_rng(seed, _STREAM_FAMILY0 + FAMILIES.index(f)), bg,
+                           speeds[f] * scale, n_frames)
+        for f in names
+    ]
+    beam = _Beam(_rng(seed, _STREAM_BEAM), (hh, ww), n_frames)
+    cam_rng = _rng(seed, _STREAM_CAMERA)
+    phase_c = float(cam_rng.uniform(0.15, 0.4))
+    hr_cam = _Camera(cam_rng, (hh, ww), hr_dose, fill=(0.4, 0.7), offset=(80.0, 600.0),
+                     read=(3.0, 12.0), psf=(0.5, 0.9))
+    lr_cam = _Camera(cam_rng, (h, w), lr_dose, fill=(0.25, 0.55), offset=(300.0, 1500.0),
+                     read=(5.0, 30.0), psf=(0.3, 0.6))
+    n_dark_lr, n_white_lr, n_dark_hr, n_white_hr = (int(v) for v in cam_rng.integers(5, 11, 4))
+    noise = _rng(seed, _STREAM_NOISE)
+
+    key_slot = {int(t): k for k, t in enumerate(hr_index)}
+    lr = np.empty((n_frames, h, w), np.float32)
+    hr = np.empty((hr_index.size, hh, ww), np.float32)
+    gt = np.empty((n_frames, hh, ww), np.float32)
+    for t in range(n_frames):
+        a = bg.attenuation.copy()
+        for m in movers:
+            a += m.attenuation(float(t))
+        np.maximum(a, 0.0, out=a)
+        trans = np.exp(-a) * np.clip(1.0 + phase_c * _laplacian(a), 0.3, 2.0)
+        exit_hr = beam(float(t)) * trans
+        gt[t] = hr_cam.expected(exit_hr)
+        if t in key_slot:
+            hr[key_slot[t]] = hr_cam.record(exit_hr, noise)
+        lr[t] = lr_cam.record(_bin(exit_hr, scale), noise)
+
+    def flats(cam: _Camera, n: int, binning: int) -> np.ndarray:
+        # recorded just before the sequence (negative times), without the sample
+        return np.stack([cam.record(_bin(beam(float(k - n - 5)), binning), noise)
+                         for k in range(n)])
+
+    arrays = {
+        "/exchange/data_lr": _to_dtype(lr, dt),
+        "/exchange/data_hr": _to_dtype(hr, dt),
+        "/exchange/hr_index": hr_index,
+        "/exchange/data_dark_lr": _to_dtype(np.stack([lr_cam.dark_frame(noise)
+                                                      for _ in range(n_dark_lr)]), dt),
+        "/exchange/data_white_lr": _to_dtype(flats(lr_cam, n_white_lr, scale), dt),
+        "/exchange/data_dark_hr": _to_dtype(np.stack([hr_cam.dark_frame(noise)
+                                                      for _ in range(n_dark_hr)]), dt),
+        "/exchange/data_white_hr": _to_dtype(flats(hr_cam, n_white_hr, 1), dt),
+        "/exchange/data_gt": _to_dtype(gt, dt, integer=False),
+    }
+    params: dict[str, Any] = {
+        "format": _FORMAT,
+        "seed": seed,
+        "n_frames": n_frames,
+        "hr_shape": [hh, ww],
+        "lr_shape": [h, w],
+        "scale": scale,
+        "stride": stride,
+        "offset": offset,
+        "families": ["static"] + names,
+        "speeds": speeds,
+        "speed_units": "LR pixels per frame",
+        "lr_dose": lr_dose,
+        "hr_dose": hr_dose,
+        "dose_units": "photons per pixel of the open beam at its peak",
+        "dtype": dt,
+        "adu_scale": {"uint16": 1.0, "uint8": 1 / 257.0, "float32": 1 / _ADU_MAX}[dt],
+        "gain_lr": lr_cam.gain,
+        "gain_hr": hr_cam.gain,
+        "gain_units": "16-bit ADU per photon",
+        "dark_offset_lr": lr_cam.offset,
+        "dark_offset_hr": hr_cam.offset,
+        "read_noise_lr": lr_cam.read,
+        "read_noise_hr": hr_cam.read,
+        "psf_sigma_lr": lr_cam.psf,
+        "psf_sigma_hr": hr_cam.psf,
+        "phase_contrast": phase_c,
+        "gt": "noise-free expected HR camera signal at every step, float32, units of data_hr",
+    }
+    return arrays, params
+
+
+def generate(
+    n_frames: int = 200,
+    hr_shape: tuple[int, int] = (256, 256),
+    scale: int = 4,
+    stride: int = 20,
+    offset: int = 0,
+    seed: int = 0,
+    families: Sequence[str] | str | None = None,
+    speed: float | None = None,
+    lr_dose: float | None = None,
+    hr_dose: float | None = None,
+    dtype: str = "uint16",
+) -> dict[str, np.ndarray]:
+    """Render a synthetic two-camera recording; returns arrays keyed by their HDF5 path.
+
+    Parameters
+    ----------
+    n_frames:
+        Number of time steps ``N`` (LR frames).
+    hr_shape:
+        ``(H, W)`` of the HR camera; both must be multiples of ``scale``.
+    scale:
+        Spatial factor between the cameras: LR pixels are ``scale x scale`` HR pixels.
+    stride, offset:
+        Key frames at ``offset, offset + stride, ... < n_frames`` (at least 2, else ValueError).
+    seed:
+        Seed of every random choice (non-negative int).
+    families:
+        Moving scene families from :data:`FAMILIES` (a sequence, or a string separated by ``,``
+        or ``+``); ``static`` is always present. ``None`` draws 1-3 moving families.
+    speed:
+        Characteristic image velocity, LR pixels per frame; ``None`` draws one per family.
+    lr_dose, hr_dose:
+        Photons per pixel of the open beam at its peak; ``None`` draws them from
+        :data:`LR_DOSE_RANGE` and :data:`HR_DOSE_RANGE`.
+    dtype:
+        ``"uint16"`` (default), ``"uint8"`` or ``"float32"`` (see the module docstring).
+
+    Returns
+    -------
+    dict
+        ``/exchange/data_lr`` (N, h, w), ``/exchange/data_hr`` (K, H, W), ``/exchange/hr_index``
+        (K,) int64, ``/exchange/data_{dark,white}_{lr,hr}`` (n, ., .), and ``/exchange/data_gt``
+        (N, H, W) float32: the noise-free expected HR signal at every step.
+    """
+    arrays, _ = _generate(n_frames, hr_shape, scale, stride, offset, seed, families, speed,
+                          lr_dose, hr_dose, dtype)
+    return arrays
+
+
+def _attr_value(value: Any) -> Any:
+    """Turn a parameter into something h5py stores as an attribute."""
+    if isinstance(value, (str, bool, int, float, np.integer, np.floating, np.bool_)):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+        for v in value
+    ):
+        return np.asarray(value)
+    return json.dumps(value, default=str)
+
+
+def write_archive(
+    path: str | os.PathLike[str],
+    arrays: Mapping[str, np.ndarray],
+    attrs: Mapping[str, Any] | None = None,
+    *,
+    compression: str | None = None,
+) -> None:
+    """Write ``arrays`` (keyed by HDF5 path) to an HDF5 archive, atomically.
+
+    3-D datasets are chunked one frame per chunk, ``(1, h, w)``. ``attrs`` (the generator
+    parameters) are stored as attributes of the ``/synth`` group, together with all of them as
+    one JSON string in ``params_json``; values that HDF5 cannot hold directly (dicts, lists of
+    strings, None) are stored as JSON. ``compression`` is passed to h5py (e.g. ``"gzip"``).
+    The file is written under a temporary name in the same folder and renamed at the end, so
+    ``path`` is either complete or untouched.
+    """
+    import h5py
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key, value in arrays.items():
+                arr = np.asarray(value)
+                chunks = (1,) + arr.shape[1:] if arr.ndim == 3 and arr.shape[0] > 0 else None
+                f.create_dataset(key, data=arr, chunks=chunks, compression=compression)
+            if attrs is not None:
+                grp = f.require_group("/synth")
+                for key, value in attrs.items():
+                    grp.attrs[key] = _attr_value(value)
+                grp.attrs["params_json"] = json.dumps(dict(attrs), default=str, sort_keys=True)
+            if "/exchange" in f:
+                f["/exchange"].attrs["generator"] = _FORMAT
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def synthesize(path: str | os.PathLike[str], **kwargs: Any) -> dict[str, Any]:
+    """Generate an archive (keyword arguments of :func:`generate`) and write it to ``path``.
+
+    Returns a summary: ``path``, ``seed``, ``families`` (with ``static``), ``speeds`` (LR px per
+    frame, per moving family), ``lr_dose``, ``hr_dose``, ``dtype``, ``hr_index`` (list) and
+    ``shapes`` (dataset path -> shape).
+    """
+    sig = dict(n_frames=200, hr_shape=(256, 256), scale=4, stride=20, offset=0, seed=0,
+               families=None, speed=None, lr_dose=None, hr_dose=None, dtype="uint16")
+    unknown = set(kwargs) - set(sig)
+    if unknown:
+        raise TypeError(f"synthesize() got unexpected keyword arguments {sorted(unknown)}")
+    sig.update(kwargs)
+    arrays, params = _generate(**sig)
+    write_archive(path, arrays, params)
+    return {
+        "path": os.fspath(path),
+        "seed": params["seed"],
+        "families": params["families"],
+        "speeds": params["speeds"],
+        "lr_dose": params["lr_dose"],
+        "hr_dose": params["hr_dose"],
+        "dtype": params["dtype"],
+        "hr_index": arrays["/exchange/hr_index"].tolist(),
+        "shapes": {k: tuple(v.shape) for k, v in arrays.items()},
+    }
