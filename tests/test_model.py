@@ -233,3 +233,21 @@ def test_tiled_matches_untiled_closely():
     assert psnr > 30, psnr  # random weights; the pipeline test checks >= 50 dB with the default weights
     with pytest.raises(ValueError, match="at least one window"):
         tiled_forward(model, lr, hr, tile=24, overlap=cfg.window - 1)
+
+
+def test_key_mean_residual_reuse_and_default_off():
+    assert preset("paper").residual == "none"  # the paper's network has no global skip
+    cfg = preset("tiny", residual="key_mean")
+    model = SwinXVR(cfg).eval()
+    lr, hr = _inputs(cfg, 2, 12, 16, seed=7)
+    with torch.no_grad():
+        plain = model(lr, hr)
+        reused = model.forward_features(lr, model.encode_keys(hr), SwinXVR.key_base(hr))
+        with pytest.raises(ValueError, match="key_base"):
+            model.forward_features(lr, model.encode_keys(hr))
+        # with the head zeroed, the output is exactly the mean of the two key frames
+        torch.nn.init.zeros_(model.conv_last.weight)
+        torch.nn.init.zeros_(model.conv_last.bias)
+        base_only = model(lr, hr)
+    assert (plain - reused).abs().max().item() <= 1e-5
+    assert torch.allclose(base_only, hr.mean(dim=1, keepdim=True).expand_as(base_only))

@@ -344,6 +344,18 @@ class UnitRunner:
             self._keys.move_to_end(key)
         return feat
 
+    def _key_base(self, keys: tuple[int, int], hr: dict) -> torch.Tensor:
+        """(1, 1, H, W) mean of a window's two key frames, cached per key pair."""
+        key = ("base", keys)
+        base = self._keys.get(key)
+        if base is None:
+            pair = np.stack([hr[keys[0]], hr[keys[1]]])[:, None]  # 2, 1, H, W
+            base = self.model.key_base(torch.from_numpy(pair).to(self.device)[None])[0]
+            self._keys[key] = base
+        else:
+            self._keys.move_to_end(key)
+        return base
+
     def _compute(self, wins, lr: np.ndarray, hr: dict) -> np.ndarray:
         """(B, NL, h, w) model-space LR -> (B, n_out, H, W) float32 model-space output."""
         lr_t = torch.from_numpy(lr).to(self.device)[:, :, None]  # B, NL, 1, h, w
@@ -355,7 +367,13 @@ class UnitRunner:
                     torch.stack([self._key_feature(w_.keys[0], hr[w_.keys[0]], tile),
                                  self._key_feature(w_.keys[1], hr[w_.keys[1]], tile)]) for w_ in wins])
                 x = lr_t if tile is None else lr_t[..., tile.y0:tile.y1, tile.x0:tile.x1]
-                return self.model.forward_features(x, feats).float()
+                base = None
+                if self.cfg.residual == "key_mean":
+                    s = self.cfg.scale
+                    base = torch.stack([self._key_base(w_.keys, hr) for w_ in wins])  # B, 1, 1, H, W
+                    if tile is not None:
+                        base = base[..., tile.y0 * s:tile.y1 * s, tile.x0 * s:tile.x1 * s]
+                return self.model.forward_features(x, feats, base).float()
 
             tile = self.settings.get("tile")
             if tile:

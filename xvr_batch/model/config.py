@@ -12,6 +12,7 @@ from typing import Any
 from xvr_batch.errors import UserError
 
 HEADS = ("all", "centre")
+RESIDUALS = ("none", "key_mean")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class ModelConfig:
     scale:       spatial factor between the cameras (a power of two).
     head:        "all" (every LR frame of the window) or "centre" (slice NL // 2 only).
     qkv_bias:    bias in the qkv projection.
+    residual:    "none" (the paper's network: the head outputs the frame) or "key_mean" (the head outputs a
+                 correction added to the mean of the two key frames). "key_mean" is a global skip outside
+                 the paper's network, used by the shipped CPU-trained ``lite`` weights: it starts training
+                 at the key frames instead of at zero, which matters when training time is short.
     """
 
     num_lr: int = 3
@@ -45,6 +50,7 @@ class ModelConfig:
     head: str = "all"
     qkv_bias: bool = True
     in_ch: int = 1
+    residual: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
@@ -84,6 +90,8 @@ class ModelConfig:
             problems.append(f"scale must be 4 (the HR branch pools by 4), got {self.scale}")
         if self.head not in HEADS:
             problems.append(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.residual not in RESIDUALS:
+            problems.append(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
         if not 0.0 <= self.drop_path < 1.0:
             problems.append(f"drop_path must be in [0, 1), got {self.drop_path}")
         if problems:
@@ -114,7 +122,8 @@ PRESETS: dict[str, ModelConfig] = {
     # The paper's model: E=192, 24 blocks in [2, 2, 18, 2], 3 heads, window 8, MLP 2, 10.0 M parameters.
     "paper": ModelConfig(),
     # Small model for CPUs and the shipped default weights: fast enough for the demo on 2 cores.
-    "lite": ModelConfig(embed_dim=48, depths=(2, 2, 2), num_heads=(3, 3, 3), recon_dim=32, drop_path=0.1),
+    "lite": ModelConfig(embed_dim=48, depths=(2, 2, 2), num_heads=(3, 3, 3), recon_dim=32, drop_path=0.1,
+                        residual="key_mean"),
     # Tiny model for tests.
     "tiny": ModelConfig(embed_dim=24, depths=(2,), num_heads=(3,), recon_dim=16, drop_path=0.0),
 }

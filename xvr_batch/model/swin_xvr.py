@@ -291,8 +291,16 @@ class SwinXVR(nn.Module):
         return y.view(b, k, *y.shape[1:])
 
     # ------------------------------------------------------------------ forward
-    def forward_features(self, lr: torch.Tensor, key_feats: torch.Tensor) -> torch.Tensor:
-        """lr (B, NL, 1, h, w), key_feats (B, 2, E, h, w) from :meth:`encode_keys` -> (B, n_out, 1, 4h, 4w)."""
+    @staticmethod
+    def key_base(hr: torch.Tensor) -> torch.Tensor:
+        """(B, 2, 1, H, W) key frames -> (B, 1, 1, H, W) their mean (the base of ``residual="key_mean"``)."""
+        return hr.mean(dim=1, keepdim=True)
+
+    def forward_features(self, lr: torch.Tensor, key_feats: torch.Tensor,
+                         base: torch.Tensor | None = None) -> torch.Tensor:
+        """lr (B, NL, 1, h, w), key_feats (B, 2, E, h, w) from :meth:`encode_keys` -> (B, n_out, 1, 4h, 4w).
+
+        ``base`` (B, 1, 1, 4h, 4w) from :meth:`key_base` is required when ``cfg.residual == "key_mean"``."""
         b, nl, _, h, w = lr.shape
         if nl != self.cfg.num_lr:
             raise ValueError(f"expected {self.cfg.num_lr} LR frames, got {nl}")
@@ -312,10 +320,16 @@ class SwinXVR(nn.Module):
         for up in self.upsample:
             y = self.shuffle(up(y))
         y = self.conv_last(y)
-        return y.view(b, n_out, *y.shape[1:])
+        y = y.view(b, n_out, *y.shape[1:])
+        if self.cfg.residual == "key_mean":
+            if base is None:
+                raise ValueError("this model adds the key-frame mean: pass base=SwinXVR.key_base(hr)")
+            y = y + base.to(y.dtype)
+        return y
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(lr, self.encode_keys(hr))
+        base = self.key_base(hr) if self.cfg.residual == "key_mean" else None
+        return self.forward_features(lr, self.encode_keys(hr), base)
 
     # ------------------------------------------------------------------ accounting
     def flops(self, h: int, w: int) -> float:
