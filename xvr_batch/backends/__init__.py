@@ -1,12 +1,30 @@
-"""Execution backends: one small interface (:class:`~xvr_batch.backends.base.Backend`), several implementations."""
+"""Execution backends: one small interface (:class:`~xvr_batch.backends.base.Backend`), several implementations.
+
+``local`` (default), ``torch`` (torch.distributed under torchrun/srun), ``mpi`` (mpi4py under
+mpiexec/srun), ``dask`` (LocalCluster or an existing scheduler) and ``dask-slurm`` (dask-jobqueue
+SLURMCluster). See docs/DISTRIBUTED.md.
+
+The launched backends (``torch``, ``mpi``) run the same command on every rank: they have a
+``run_distributed(opts, ...)`` method that every rank enters, which calls
+:func:`~xvr_batch.pipeline.reconstruct` on rank 0 only. :func:`run_reconstruct` picks the right entry.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from xvr_batch.errors import UserError
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "torch", "mpi", "dask", "dask-slurm")
+
+#: Command-line options that configure a backend (see :func:`backend_kwargs`), by backend.
+_BACKEND_OPTIONS = {
+    "workers": ("dask",),
+    "scheduler": ("dask",),
+    "gpus_per_worker": ("dask", "dask-slurm"),
+    "nodes": ("dask-slurm",),
+    "gpus_per_node": ("dask-slurm",),
+}
 
 
 def get_backend(name: str, **kwargs: Any):
@@ -14,4 +32,73 @@ def get_backend(name: str, **kwargs: Any):
     if name == "local":
         from xvr_batch.backends.local import LocalBackend
         return LocalBackend(**kwargs)
+    if name == "torch":
+        from xvr_batch.backends.torchdist import TorchBackend
+        return TorchBackend(**kwargs)
+    if name == "mpi":
+        from xvr_batch.backends.mpi import MPIBackend
+        return MPIBackend(**kwargs)
+    if name in ("dask", "dask-slurm"):
+        from xvr_batch.backends.daskbackend import DaskBackend
+        return DaskBackend(slurm=name == "dask-slurm", **kwargs)
     raise UserError(f"--backend {name!r}: unknown backend; choose one of {', '.join(BACKENDS)}")
+
+
+def backend_kwargs(name: str, options: dict, log: Callable[[str], None] | None = None) -> dict:
+    """The keyword arguments for ``get_backend(name)`` taken from command-line ``options``.
+
+    Only the backend options (``workers``, ``scheduler``, ``gpus_per_worker``, ``nodes``,
+    ``gpus_per_node``) are looked at; one given for a backend that does not use it is refused.
+    """
+    if name not in BACKENDS:
+        raise UserError(f"--backend {name!r}: unknown backend; choose one of {', '.join(BACKENDS)}")
+    out: dict[str, Any] = {}
+    for key, users in _BACKEND_OPTIONS.items():
+        value = options.get(key)
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if name not in users:
+            raise UserError(f"{flag} applies to --backend {' or '.join(users)}, not --backend {name}")
+        out[key] = value
+    if name == "dask" and out.get("scheduler") and out.get("workers"):
+        raise UserError("--workers starts a LocalCluster and --scheduler uses an existing one: give only one")
+    if name.startswith("dask") and log is not None:
+        out["log"] = log
+    return out
+
+
+def run_reconstruct(backend, opts, command: list[str] | None = None, config: dict | None = None,
+                    progress: bool = True, log: Callable[[str], None] = lambda s: None):
+    """Run a reconstruction on ``backend``: through its ``run_distributed`` entry for the launched
+    backends (every rank calls this; ranks other than 0 exit inside), else :func:`reconstruct`."""
+    entry = getattr(backend, "run_distributed", None)
+    if entry is not None:
+        return entry(opts, command=command, config=config, progress=progress, log=log)
+    from xvr_batch.pipeline import reconstruct
+    return reconstruct(opts, backend, command=command, config=config, progress=progress, log=log)
+
+
+def backend_options(f):
+    """Click options of ``reconstruct`` that choose and configure the backend."""
+    import click
+
+    opts = [
+        click.option("--backend", type=click.Choice(BACKENDS), default="local", show_default=True,
+                     help="Where units run: local (this process), torch (under torchrun/srun), mpi (under "
+                          "mpiexec/srun), dask (LocalCluster or --scheduler), dask-slurm (SLURMCluster). "
+                          "See docs/DISTRIBUTED.md."),
+        click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="dask: worker processes of the LocalCluster [one per GPU, else 1]."),
+        click.option("--scheduler", default=None, metavar="ADDRESS",
+                     help="dask: use the existing scheduler at ADDRESS (tcp://host:8786) instead of a LocalCluster."),
+        click.option("--gpus-per-worker", type=click.IntRange(min=0), default=None,
+                     help="dask: GPU resource each worker owns and each unit reserves [1 on CUDA, else 0]."),
+        click.option("--nodes", type=click.IntRange(min=1), default=None,
+                     help="dask-slurm: worker jobs (nodes) to submit [1]."),
+        click.option("--gpus-per-node", type=click.IntRange(min=0), default=None,
+                     help="dask-slurm: GPUs per node, one worker each [0: one CPU worker per node]."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f

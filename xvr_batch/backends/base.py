@@ -16,7 +16,10 @@ from xvr_batch.plan import Unit
 
 __all__ = ["Backend", "StopFlag", "stop_flag", "EXIT_STOPPED"]
 
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped cleanly on a signal; run the same command again to resume
+# Exit status after a clean stop on SIGUSR2/SIGTERM: 0, so that launchers (torchrun, srun) and the job
+# scripts in slurm/ treat it as a clean end and may requeue; the output file is then absent and the
+# message on stderr says to run the same command again to resume.
+EXIT_STOPPED = 0
 
 
 class StopFlag:
