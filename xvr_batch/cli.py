@@ -180,22 +180,70 @@ from xvr_batch.backends import backend_options  # noqa: E402  (the backend flags
 @click.option("--force-replan", is_flag=True, help="Discard an incompatible earlier work directory and start over.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the work directory (manifest, parts) after success.")
 @backend_options
+@click.option("--launcher", type=click.Choice(["torch", "mpi"]), default="torch", show_default=True,
+              help="Slurm (--nodes): torch = torchrun on one node / srun across nodes; mpi = srun --mpi=pmi2.")
+@click.option("--partition", default=None, help="Slurm (--nodes): partition.")
+@click.option("--account", default=None, help="Slurm (--nodes): account to charge.")
+@click.option("--time", "walltime", default=None, metavar="HH:MM:SS", help="Slurm (--nodes): time limit.")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None, help="Slurm (--nodes): CPUs per task.")
+@click.option("--mem", default=None, help="Slurm (--nodes): memory per node, e.g. 64G.")
+@click.option("--sbatch", "sbatch_extra", multiple=True, metavar="DIRECTIVE",
+              help="Slurm (--nodes): extra #SBATCH directive, e.g. --sbatch=--qos=high (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Slurm (--nodes): print the job script instead of submitting it.")
+@click.option("--wait", is_flag=True, help="Slurm (--nodes): follow the job to its end with a progress bar.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def reconstruct_cmd(archive, output, backend, quiet, **kw):
+def reconstruct_cmd(archive, output, backend, quiet, launcher, partition, account, walltime, cpus_per_task, mem,
+                    sbatch_extra, dry_run, wait, **kw):
     """Reconstruct every LR time step of ARCHIVE at HR into OUTPUT.
 
     Re-running the same command resumes: finished units are verified by checksum and skipped.
     Under torchrun, srun or mpiexec (--backend torch or mpi) every rank runs this same command.
+    With --nodes N (and a backend other than dask-slurm) it submits itself as a Slurm job instead.
     """
     from xvr_batch.backends import backend_kwargs, get_backend, run_reconstruct
     opts = _options_from(dict(kw, archive=archive, output=output))
     config = dict(kw, archive=archive, output=output, backend=backend)
+    slurm_flags = {"--partition": partition, "--account": account, "--time": walltime, "--mem": mem,
+                   "--cpus-per-task": cpus_per_task, "--sbatch": sbatch_extra or None, "--dry-run": dry_run or None,
+                   "--wait": wait or None}
+    if kw.get("nodes") is not None and backend != "dask-slurm":
+        _submit(opts, kw, launcher, partition, account, walltime, cpus_per_task, mem, sbatch_extra, dry_run, wait,
+                quiet)
+        return
+    given = [flag for flag, value in slurm_flags.items() if value is not None]
+    if given:
+        raise UserError(f"{given[0]} only applies with --nodes N (Slurm submission)")
     engine = get_backend(backend, **backend_kwargs(backend, kw, log=_echo_err))
     out = run_reconstruct(engine, opts, command=sys.argv, config=config, progress=not quiet, log=_echo_err)
     if out is None:
         from xvr_batch.backends.base import EXIT_STOPPED
         sys.exit(EXIT_STOPPED)
     click.echo(out)
+
+
+def _submit(opts, kw, launcher, partition, account, walltime, cpus_per_task, mem, sbatch_extra, dry_run, wait,
+            quiet) -> None:
+    from xvr_batch.submit import SubmitOptions, follow_job, slurm_log, submit_reconstruct
+    if kw.get("workers") or kw.get("scheduler") or kw.get("gpus_per_worker") is not None:
+        raise UserError("--workers/--scheduler/--gpus-per-worker are dask options; with --nodes use "
+                        "--backend dask-slurm, or drop them")
+    sub = SubmitOptions(nodes=kw["nodes"], gpus_per_node=kw.get("gpus_per_node") or 0, partition=partition,
+                        account=account, time=walltime, launcher=launcher, cpus_per_task=cpus_per_task, mem=mem,
+                        extra_directives=list(sbatch_extra))
+    job_id = submit_reconstruct(opts, sub, dry_run=dry_run, echo=click.echo)
+    if job_id is None or not wait:
+        return
+    wd = opts.resolved_workdir().resolve()
+    out = Path(opts.output).resolve()
+    state = follow_job(job_id, wd, out, progress=not quiet)
+    if out.exists():
+        click.echo(str(out))
+        return
+    log = Path(slurm_log(out, job_id))
+    tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+    raise UserError(f"Slurm job {job_id} ended as {state} without writing {out}; see {log}"
+                    + (f" (last line: {tail[0][:200]})" if tail else "")
+                    + f"; re-run the same command to resume from {wd}")
 
 
 # ---------------------------------------------------------------------------------------- status / resume

@@ -95,9 +95,10 @@ def backend_options(f):
         click.option("--gpus-per-worker", type=click.IntRange(min=0), default=None,
                      help="dask: GPU resource each worker owns and each unit reserves [1 on CUDA, else 0]."),
         click.option("--nodes", type=click.IntRange(min=1), default=None,
-                     help="dask-slurm: worker jobs (nodes) to submit [1]."),
+                     help="Submit to Slurm on N nodes (sbatch; see --launcher, --dry-run, --wait); with "
+                          "--backend dask-slurm: worker jobs (nodes) of the SLURMCluster."),
         click.option("--gpus-per-node", type=click.IntRange(min=0), default=None,
-                     help="dask-slurm: GPUs per node, one worker each [0: one CPU worker per node]."),
+                     help="With --nodes: GPUs per node, one process (or dask worker) each [0: CPU]."),
     ]
     for o in reversed(opts):
         f = o(f)
