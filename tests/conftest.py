@@ -86,3 +86,24 @@ def cli(*args, check: bool = False, timeout: float = 300, env: dict | None = Non
     if check and proc.returncode != 0:
         raise AssertionError(f"xvr-batch {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def to_xfusion_keys(sd: dict) -> dict:
+    """Inverse of our key mapping, used to check that the mapping is general (any depth/NL/width)."""
+    inv = {}
+    for k, v in sd.items():
+        k2 = (k.replace("lr_conv.", "conv_first.").replace("hr_conv0.", "conv_first_hi.")
+              .replace("hr_conv1.", "conv1_hi.").replace("hr_conv2.", "conv2_hi.")
+              .replace("head_conv.", "conv_before_upsample.0."))
+        if k2.startswith("stages."):
+            parts = k2.split(".")
+            if parts[2] == "blocks":
+                k2 = f"layers.{parts[1]}.residual_group.blocks." + ".".join(parts[3:])
+                k2 = k2.replace("rel_bias_table", "relative_position_bias_table")
+            else:
+                k2 = f"layers.{parts[1]}." + ".".join(parts[2:])
+        if k2.startswith("upsample."):
+            parts = k2.split(".")
+            k2 = f"upsample.{int(parts[1]) * 2}.{parts[2]}"
+        inv[k2] = v
+    return inv

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import to_xfusion_keys
 from xvr_batch.errors import UserError
 from xvr_batch.model import (
     ModelConfig, SwinXVR, drop_path_schedule, from_xfusion, load_checkpoint, preset, save_checkpoint,
@@ -60,27 +61,6 @@ def test_xfusion_prefers_ema_and_accepts_path(fixture, tmp_path):
     assert (out - case["out"]).abs().max().item() <= 1e-4
 
 
-def _to_xfusion_keys(sd: dict) -> dict:
-    """Inverse of our key mapping, used to check that the mapping is general (any depth/NL/width)."""
-    inv = {}
-    for k, v in sd.items():
-        k2 = (k.replace("lr_conv.", "conv_first.").replace("hr_conv0.", "conv_first_hi.")
-              .replace("hr_conv1.", "conv1_hi.").replace("hr_conv2.", "conv2_hi.")
-              .replace("head_conv.", "conv_before_upsample.0."))
-        if k2.startswith("stages."):
-            parts = k2.split(".")
-            if parts[2] == "blocks":
-                k2 = f"layers.{parts[1]}.residual_group.blocks." + ".".join(parts[3:])
-                k2 = k2.replace("rel_bias_table", "relative_position_bias_table")
-            else:
-                k2 = f"layers.{parts[1]}." + ".".join(parts[2:])
-        if k2.startswith("upsample."):
-            parts = k2.split(".")
-            k2 = f"upsample.{int(parts[1]) * 2}.{parts[2]}"
-        inv[k2] = v
-    return inv
-
-
 @pytest.mark.parametrize("network_g", [
     dict(num_frame=1, embed_dim=24, num_feat_ext=24, depths=[2], num_heads=[2], window_size=[3, 4, 4],
          mlp_ratio=2, num_feat_rec=16, upscale=4, upsampler="pixelshuffle", drop_path_rate=0.1),
@@ -90,7 +70,7 @@ def _to_xfusion_keys(sd: dict) -> dict:
 def test_xfusion_key_mapping_is_general(network_g):
     from xvr_batch.model.checkpoint import xfusion_config
     src = SwinXVR(xfusion_config(network_g, head="all")).eval()
-    xf = _to_xfusion_keys(src.state_dict())
+    xf = to_xfusion_keys(src.state_dict())
     xf["layers.0.residual_group.blocks.0.attn.relative_position_index"] = torch.zeros(1)  # ignored buffer
     assert xfusion_to_state_dict(xf).keys() == src.state_dict().keys()
     model = from_xfusion({"params_ema": xf}, network_g, head="all")

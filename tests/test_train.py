@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import to_xfusion_keys
+
 from xvr_batch.errors import UserError
 from xvr_batch.model import SwinXVR, load_checkpoint, save_checkpoint
 from xvr_batch.model.checkpoint import xfusion_config, xfusion_to_state_dict
@@ -234,27 +236,6 @@ def test_ddp_replicas_stay_in_sync(data, tmp_path):
 # ------------------------------------------------------------------------------------------ fine-tuning
 
 
-def _to_xfusion_keys(sd: dict) -> dict:
-    """Our keys -> the reference's (the inverse of xfusion_to_state_dict)."""
-    inv = {}
-    for k, v in sd.items():
-        k2 = (k.replace("lr_conv.", "conv_first.").replace("hr_conv0.", "conv_first_hi.")
-              .replace("hr_conv1.", "conv1_hi.").replace("hr_conv2.", "conv2_hi.")
-              .replace("head_conv.", "conv_before_upsample.0."))
-        if k2.startswith("stages."):
-            parts = k2.split(".")
-            if parts[2] == "blocks":
-                k2 = f"layers.{parts[1]}.residual_group.blocks." + ".".join(parts[3:])
-                k2 = k2.replace("rel_bias_table", "relative_position_bias_table")
-            else:
-                k2 = f"layers.{parts[1]}." + ".".join(parts[2:])
-        if k2.startswith("upsample."):
-            parts = k2.split(".")
-            k2 = f"upsample.{int(parts[1]) * 2}.{parts[2]}"
-        inv[k2] = v
-    return inv
-
-
 NETWORK_G = dict(type="VideoTransformerSTF", num_in_ch=1, num_frame=3, embed_dim=24, num_feat_ext=24,
                  depths=[2], num_heads=[3], window_size=[5, 8, 8], mlp_ratio=2, num_feat_rec=16, upscale=4,
                  upsampler="pixelshuffle", drop_path_rate=0.0, resi_connection="1conv")
@@ -264,7 +245,7 @@ NETWORK_G = dict(type="VideoTransformerSTF", num_in_ch=1, num_frame=3, embed_dim
 def test_finetune_from_xfusion_starts_from_its_weights(data, tmp_path, as_file):
     torch.manual_seed(123)
     src = SwinXVR(xfusion_config(NETWORK_G, head="all"))
-    xf = _to_xfusion_keys(src.state_dict())
+    xf = to_xfusion_keys(src.state_dict())
     assert xfusion_to_state_dict(xf).keys() == src.state_dict().keys()
     pth = tmp_path / "net_g.pth"
     torch.save({"params_ema": xf, "params": {k: torch.zeros_like(v) for k, v in xf.items()}}, pth)

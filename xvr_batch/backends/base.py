@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Protocol, Sequence
 
 from xvr_batch.plan import Unit
 
-__all__ = ["Backend", "StopFlag", "stop_flag", "EXIT_STOPPED"]
+__all__ = ["Backend", "Backoff", "StopFlag", "stop_flag", "EXIT_STOPPED"]
 
 # Exit status after a clean stop on SIGUSR2/SIGTERM: 0, so that launchers (torchrun, srun) and the job
 # scripts in slurm/ treat it as a clean end and may requeue; the output file is then absent and the
@@ -59,3 +60,17 @@ class Backend(Protocol):
     def execute(self, job, pending: Sequence[Unit], progress: bool = True) -> bool:
         """Run ``pending`` units of ``job``; record completions; True if all finished."""
         ...
+
+
+class Backoff:
+    """Sleep a little longer on each idle poll (doubling from ``lo`` to ``hi`` seconds); reset on activity."""
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi, self.cur = lo, hi, lo
+
+    def reset(self) -> None:
+        self.cur = self.lo
+
+    def sleep(self) -> None:
+        time.sleep(self.cur)
+        self.cur = min(self.hi, self.cur * 2)

@@ -33,7 +33,7 @@ import traceback
 from collections import deque
 from typing import Any, Callable, Sequence
 
-from xvr_batch.backends.base import EXIT_STOPPED, stop_flag
+from xvr_batch.backends.base import EXIT_STOPPED, Backoff, stop_flag
 from xvr_batch.errors import UserError
 from xvr_batch.plan import Unit
 
@@ -50,18 +50,6 @@ def _mpi():
     return MPI
 
 
-class _Backoff:
-    def __init__(self, lo: float = 0.0001, hi: float = 0.005):
-        self.lo, self.hi, self.cur = lo, hi, lo
-
-    def reset(self) -> None:
-        self.cur = self.lo
-
-    def sleep(self) -> None:
-        time.sleep(self.cur)
-        self.cur = min(self.hi, self.cur * 2)
-
-
 def _probe(comm, source: int, tag: int, status=None) -> bool:
     """``Iprobe`` twice: MPICH's Iprobe looks at the queue before it makes progress, so a message that
     arrived while we slept is only seen by the second call (one call per wake-up costs a whole sleep)."""
@@ -71,7 +59,7 @@ def _probe(comm, source: int, tag: int, status=None) -> bool:
 
 def _poll_recv(comm, source: int, tags: Sequence[int]) -> tuple[int, Any]:
     """Receive the next message from ``source`` with one of ``tags`` without spinning a core."""
-    backoff = _Backoff()
+    backoff = Backoff(0.0001, 0.005)
     while True:
         for tag in tags:
             if _probe(comm, source, tag):
@@ -141,7 +129,7 @@ class MPIBackend:
         per_rank: dict[int, int] = {}
         bar = tqdm(total=sum(u.stop - u.start for u in pending), unit="frame", desc="reconstruct",
                    disable=not progress, dynamic_ncols=True, smoothing=0.1)
-        backoff = _Backoff()
+        backoff = Backoff(0.0001, 0.005)
         status = MPI.Status()
         journal_error: BaseException | None = None
         try:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-from xvr_batch.backends.base import EXIT_STOPPED, stop_flag
+from xvr_batch.backends.base import EXIT_STOPPED, Backoff, stop_flag
 from xvr_batch.errors import UserError
 from xvr_batch.plan import Unit
 
@@ -149,20 +149,6 @@ def _timeout() -> timedelta:
         raise UserError(f"XVR_DIST_TIMEOUT={os.environ['XVR_DIST_TIMEOUT']!r} is not a number of seconds") from None
 
 
-class _Backoff:
-    """Sleep a little longer each idle poll (from 1 ms to 50 ms); reset on activity."""
-
-    def __init__(self, lo: float = 0.001, hi: float = 0.05):
-        self.lo, self.hi, self.cur = lo, hi, lo
-
-    def reset(self) -> None:
-        self.cur = self.lo
-
-    def sleep(self) -> None:
-        time.sleep(self.cur)
-        self.cur = min(self.hi, self.cur * 2)
-
-
 class _Keys:
     def __init__(self, token: str):
         p = f"xvr/{token}/"
@@ -265,7 +251,7 @@ class _Recorder(threading.Thread):
         k, store = self.keys, self.store
         bar = tqdm(total=self.total, unit="frame", desc="reconstruct", disable=not self.progress,
                    dynamic_ncols=True, smoothing=0.1)
-        backoff = _Backoff()
+        backoff = Backoff(0.001, 0.05)
         n = 1
         try:
             while True:
@@ -361,7 +347,7 @@ class TorchBackend:
         keys = _Keys(self.token)
         self.store.set(keys.final, str(code))
         deadline = time.monotonic() + 60
-        backoff = _Backoff()
+        backoff = Backoff(0.001, 0.05)
         while self.store.add(keys.ack, 0) < self.ctx.world - 1 and time.monotonic() < deadline:
             backoff.sleep()
 
@@ -385,7 +371,7 @@ def _follow(ctx: LaunchContext, device: str | None) -> int:
     loop = _UnitLoop(job, msg["pending"], store, keys, ctx, dev)
     loop.run()
     _barrier()
-    backoff = _Backoff()
+    backoff = Backoff(0.001, 0.05)
     while not store.check([keys.final]):
         backoff.sleep()
     code = int(store.get(keys.final))
