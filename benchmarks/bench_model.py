@@ -54,7 +54,8 @@ def main() -> None:
         with torch.inference_mode(), ctx():
             if a.reuse_keys:
                 keys = model.encode_keys(hr[:1]).expand(a.batch, -1, -1, -1, -1)
-                return model.forward_features(lr, keys)
+                base = model.key_base(hr[:1]).expand(a.batch, -1, -1, -1, -1) if cfg.residual != "none" else None
+                return model.forward_features(lr, keys, base)
             return fwd(lr, hr)
 
     for _ in range(a.warmup):

@@ -221,3 +221,16 @@ def test_tiled_reconstruction_close_to_untiled(tmp_path, tiny_weights):
     rng = full.max() - full.min()
     psnr = 10 * np.log10(rng ** 2 / np.mean((full - tiled) ** 2))
     assert psnr > 30, psnr
+
+
+def test_tiled_matches_untiled_on_demo_data_with_default_weights(tmp_path):
+    """Issue criterion: on the demo data with the default weights, tiled output >= 50 dB against untiled."""
+    from xvr_batch import synth
+    from xvr_batch.demo import DEMO_HR_SHAPE, DEMO_STRIDE
+    arc = tmp_path / "demo.h5"
+    synth.synthesize(str(arc), n_frames=24, hr_shape=DEMO_HR_SHAPE, stride=DEMO_STRIDE, seed=1234)
+    full = read_data(reconstruct(Options(archive=str(arc), output=str(tmp_path / "f.h5")), progress=False))
+    tiled = read_data(reconstruct(Options(archive=str(arc), output=str(tmp_path / "t.h5"), tile=24), progress=False))
+    rng = full.max() - full.min()
+    psnr = 10 * np.log10(rng ** 2 / np.mean((full.astype(np.float64) - tiled) ** 2))
+    assert psnr >= 50, psnr
