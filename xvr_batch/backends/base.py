@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 
 from xvr_batch.plan import Unit
 
-__all__ = ["Backend", "Backoff", "StopFlag", "stop_flag", "EXIT_STOPPED"]
+__all__ = ["Backend", "Backoff", "exit_code_for", "StopFlag", "stop_flag", "EXIT_STOPPED"]
 
 # Exit status after a clean stop on SIGUSR2/SIGTERM: 0, so that launchers (torchrun, srun) and the job
 # scripts in slurm/ treat it as a clean end and may requeue; the output file is then absent and the
@@ -74,3 +74,16 @@ class Backoff:
     def sleep(self) -> None:
         time.sleep(self.cur)
         self.cur = min(self.hi, self.cur * 2)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit status a launched run reports to every rank when rank 0 ends with ``exc``."""
+    from xvr_batch.errors import UserError
+
+    if isinstance(exc, UserError):
+        return UserError.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    return 1

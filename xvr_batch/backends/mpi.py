@@ -33,7 +33,7 @@ import traceback
 from collections import deque
 from typing import Any, Callable, Sequence
 
-from xvr_batch.backends.base import EXIT_STOPPED, Backoff, stop_flag
+from xvr_batch.backends.base import EXIT_STOPPED, Backoff, exit_code_for, stop_flag
 from xvr_batch.errors import UserError
 from xvr_batch.plan import Unit
 
@@ -264,11 +264,7 @@ def run_distributed(opts, command: list[str] | None = None, config: dict | None 
         code = 0 if out is not None else EXIT_STOPPED
         return out
     except BaseException as exc:
-        if isinstance(exc, UserError):
-            code = UserError.exit_code
-        elif isinstance(exc, KeyboardInterrupt):
-            code = 130
-        message = str(exc)
+        code, message = exit_code_for(exc), str(exc)
         raise
     finally:
         try:

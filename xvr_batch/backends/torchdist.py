@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-from xvr_batch.backends.base import EXIT_STOPPED, Backoff, stop_flag
+from xvr_batch.backends.base import EXIT_STOPPED, Backoff, exit_code_for, stop_flag
 from xvr_batch.errors import UserError
 from xvr_batch.plan import Unit
 
@@ -379,16 +379,6 @@ def _follow(ctx: LaunchContext, device: str | None) -> int:
     return code
 
 
-def _exit_code(exc: BaseException) -> int:
-    if isinstance(exc, UserError):
-        return UserError.exit_code
-    if isinstance(exc, KeyboardInterrupt):
-        return 130
-    if isinstance(exc, SystemExit):
-        return exc.code if isinstance(exc.code, int) else 1
-    return 1
-
-
 def run_distributed(opts, command: list[str] | None = None, config: dict | None = None, progress: bool = True,
                     log: Callable[[str], None] = lambda s: None, backend: TorchBackend | None = None,
                     device: str | None = None):
@@ -441,7 +431,7 @@ def run_distributed(opts, command: list[str] | None = None, config: dict | None 
             code = 0 if out is not None else EXIT_STOPPED
             return out
         except BaseException as exc:
-            code, message = _exit_code(exc), str(exc)
+            code, message = exit_code_for(exc), str(exc)
             raise
         finally:
             try:
