@@ -10,6 +10,7 @@ the output under a temporary name and renames it.
 from __future__ import annotations
 
 import errno
+from contextlib import nullcontext
 import hashlib
 import json
 import os
@@ -23,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import h5py
 import numpy as np
 import torch
 
@@ -360,7 +360,7 @@ class UnitRunner:
         """(B, NL, h, w) model-space LR -> (B, n_out, H, W) float32 model-space output."""
         lr_t = torch.from_numpy(lr).to(self.device)[:, :, None]  # B, NL, 1, h, w
         h, w = lr.shape[-2:]
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else _nullcontext()
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
         with torch.inference_mode(), ctx:
             def run(tile=None) -> torch.Tensor:
                 feats = torch.stack([
@@ -442,14 +442,6 @@ class UnitRunner:
             part.abort()
             raise
         return {"unit": unit.id, "part": wd.part_relpath(unit.id), "sha256": sha, "frames": (unit.start, unit.stop)}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def disk_error(exc: OSError, path: Path | str) -> Exception:

@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 
 from xvr_batch.plan import Unit
 
-__all__ = ["Backend", "Backoff", "exit_code_for", "StopFlag", "stop_flag", "EXIT_STOPPED"]
+__all__ = ["Backend", "Backoff", "exit_code_for", "reconstruct_and_announce", "StopFlag", "stop_flag", "EXIT_STOPPED"]
 
 # Exit status after a clean stop on SIGUSR2/SIGTERM: 0, so that launchers (torchrun, srun) and the job
 # scripts in slurm/ treat it as a clean end and may requeue; the output file is then absent and the
@@ -87,3 +87,25 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else 1
     return 1
+
+
+def reconstruct_and_announce(backend, opts, **kwargs):
+    """Rank 0 of a launched backend: run :func:`~xvr_batch.pipeline.reconstruct` on ``backend``, then tell
+    the other ranks how it ended (``backend._announce(code, message)``), whatever happened."""
+    import sys
+
+    from xvr_batch.pipeline import reconstruct
+
+    code, message = 1, None
+    try:
+        out = reconstruct(opts, backend, **kwargs)
+        code = 0 if out is not None else EXIT_STOPPED
+        return out
+    except BaseException as exc:
+        code, message = exit_code_for(exc), str(exc)
+        raise
+    finally:
+        try:
+            backend._announce(code, message)
+        except Exception as exc:  # never hide the real error behind a failed announcement
+            print(f"warning: could not tell the other ranks to stop: {exc}", file=sys.stderr)

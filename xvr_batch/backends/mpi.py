@@ -27,13 +27,11 @@ MPICH spins in blocking calls, which would take a core from the ranks that compu
 
 from __future__ import annotations
 
-import sys
-import time
 import traceback
 from collections import deque
 from typing import Any, Callable, Sequence
 
-from xvr_batch.backends.base import EXIT_STOPPED, Backoff, exit_code_for, stop_flag
+from xvr_batch.backends.base import Backoff, reconstruct_and_announce, stop_flag
 from xvr_batch.errors import UserError
 from xvr_batch.plan import Unit
 
@@ -236,7 +234,6 @@ def run_distributed(opts, command: list[str] | None = None, config: dict | None 
     when stopped on a signal) and raises its errors. On the other ranks it does not return: it exits with
     rank 0's status (0, ``EXIT_STOPPED``, 2 for a user error, 1 otherwise).
     """
-    from xvr_batch.pipeline import reconstruct
 
     MPI = _mpi()
     comm = MPI.COMM_WORLD
@@ -258,16 +255,4 @@ def run_distributed(opts, command: list[str] | None = None, config: dict | None 
     log(f"mpi: world size {size} ({vendor} {'.'.join(map(str, version))}); "
         + ("rank 0 runs every unit itself" if size == 1 else f"rank 0 hands out units to {size - 1} worker rank(s)"))
     backend.comm = comm
-    code, message = 1, None
-    try:
-        out = reconstruct(opts, backend, command=command, config=config, progress=progress, log=log)
-        code = 0 if out is not None else EXIT_STOPPED
-        return out
-    except BaseException as exc:
-        code, message = exit_code_for(exc), str(exc)
-        raise
-    finally:
-        try:
-            backend._announce(code, message)
-        except Exception as exc:
-            print(f"warning: could not tell the worker ranks to stop: {exc}", file=sys.stderr)
+    return reconstruct_and_announce(backend, opts, command=command, config=config, progress=progress, log=log)

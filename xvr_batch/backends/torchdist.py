@@ -32,7 +32,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-from xvr_batch.backends.base import EXIT_STOPPED, Backoff, exit_code_for, stop_flag
+from xvr_batch.backends.base import Backoff, reconstruct_and_announce, stop_flag
 from xvr_batch.errors import UserError
 from xvr_batch.plan import Unit
 
@@ -392,7 +391,7 @@ def run_distributed(opts, command: list[str] | None = None, config: dict | None 
     import torch
     import torch.distributed as dist
 
-    from xvr_batch.pipeline import reconstruct, resolve_device
+    from xvr_batch.pipeline import resolve_device
 
     ctx = launch_context()
     stop_flag.install()
@@ -425,19 +424,7 @@ def run_distributed(opts, command: list[str] | None = None, config: dict | None 
             code = _follow(ctx, backend.device)
             raise SystemExit(code)
         backend.ctx = ctx
-        code, message = 1, None
-        try:
-            out = reconstruct(opts, backend, command=command, config=config, progress=progress, log=log)
-            code = 0 if out is not None else EXIT_STOPPED
-            return out
-        except BaseException as exc:
-            code, message = exit_code_for(exc), str(exc)
-            raise
-        finally:
-            try:
-                backend._announce(code, message)
-            except Exception as exc:  # never hide the real error behind a failed announcement
-                print(f"warning: could not tell the other ranks to stop: {exc}", file=sys.stderr)
+        return reconstruct_and_announce(backend, opts, command=command, config=config, progress=progress, log=log)
     finally:
         try:
             dist.destroy_process_group()
