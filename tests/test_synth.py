@@ -212,7 +212,7 @@ def test_random_families_and_speeds(tmp_path: os.PathLike[str]) -> None:
         assert fams[0] == "static" and 1 <= len(fams) - 1 <= 3
         assert set(fams[1:]) <= set(synth.MOVING_FAMILIES)
         assert all(0.1 <= v <= 4.0 for v in summary["speeds"].values())
-        assert 80 <= summary["lr_dose"] <= 800
+        assert synth.LR_DOSE_RANGE[0] <= summary["lr_dose"] <= synth.LR_DOSE_RANGE[1]
         seen.update(fams[1:])
     assert len(seen) >= 2
 

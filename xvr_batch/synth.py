@@ -38,7 +38,8 @@ All geometry lives on the HR pixel grid: lengths are in HR pixels, and pixel ``(
      column pattern, hot pixels) and Gaussian read noise.
    * LR camera, at every step: the same exit intensity area-integrated over ``scale x scale``
      blocks (mean of the HR pixels of each LR pixel), at a *low* dose ``lr_dose`` photons per LR
-     pixel (a few hundred), Poisson noise, its own PSF, gain, dark map and read noise.
+     pixel (1000-8000: per unit of area 6-250x below the HR camera, an SNR of about 30-90 in the
+     open beam), Poisson noise, its own PSF, gain, dark map and read noise.
    * Darks (dark map + read noise) and flats (beam without the sample, recorded just before the
      sequence, so the beam has drifted a little by the end) for both cameras.
 
@@ -113,7 +114,7 @@ MOVING_FAMILIES: tuple[str, ...] = FAMILIES[1:]
 #: Range of the per-family speed (LR px/frame) drawn when ``speed`` is None (log-uniform).
 SPEED_RANGE: tuple[float, float] = (0.1, 4.0)
 #: Range of the LR dose (photons per LR pixel, open beam) drawn when ``lr_dose`` is None.
-LR_DOSE_RANGE: tuple[float, float] = (80.0, 800.0)
+LR_DOSE_RANGE: tuple[float, float] = (1000.0, 8000.0)
 #: Range of the HR dose (photons per HR pixel, open beam) drawn when ``hr_dose`` is None.
 HR_DOSE_RANGE: tuple[float, float] = (3000.0, 15000.0)
 
