@@ -105,6 +105,31 @@ def test_samples_respect_windows_and_brackets(data):
         ds.close()
 
 
+def test_motion_sampling_keeps_the_most_moving_candidate(data):
+    """p_motion=1: each sample is the candidate (of motion_tries draws) whose truth moves most from the
+    key mean; p_motion=0 leaves the plain draw; both stay pure functions of the sample number."""
+    from xvr_batch.train import _motion_score
+
+    infos = [_inspect_archive(data["a"], "training", 4), _inspect_archive(data["b"], "training", 4)]
+    common = dict(seed=0, rank=0, key_jitter=True, p_jitter=0.5, dose_range=(1, 7), p_noise=0.0, flips=True,
+                  length=50)
+    plain = TrainSamples(infos, 3, "all", 8, 4, **common)
+    moving = TrainSamples(infos, 3, "all", 8, 4, p_motion=1.0, motion_tries=4, **common)
+    gains = []
+    for g in range(12):
+        candidates = [plain._load(plain.draw(g, k), g) for k in range(4)]
+        scores = [_motion_score(c) for c in candidates]
+        got = moving[g]
+        assert torch.equal(plain[g]["target"], candidates[0]["target"])  # candidate 0 is the plain draw
+        best = candidates[int(np.argmax(scores))]
+        assert torch.equal(got["target"], best["target"]) and torch.equal(got["lr"], best["lr"])
+        assert torch.equal(moving[g]["target"], got["target"])
+        gains.append(max(scores) - scores[0])
+    assert max(gains) > 0  # the choice mattered for some samples
+    plain.close()
+    moving.close()
+
+
 def test_dist_env_detection():
     assert detect_dist_env({}).world_size == 1
     d = detect_dist_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
@@ -298,6 +323,10 @@ def test_user_errors(data, tmp_path):
     torch.save({"params_ema": {"conv_first.weight": torch.zeros(1)}}, xf)
     with pytest.raises(UserError, match="network_g"):
         run_training(_opts(data, out, init=str(xf)), log=_quiet)
+    with pytest.raises(UserError, match="p_motion"):
+        run_training(_opts(data, out, p_motion=1.5), log=_quiet)
+    with pytest.raises(UserError, match="motion_tries"):
+        run_training(_opts(data, out, motion_tries=0), log=_quiet)
     with pytest.raises(UserError, match="unknown training options"):
         options_from_dict({"archives": [data["a"]], "out": str(out), "stepz": 3})
     assert not out.exists()

@@ -181,6 +181,10 @@ class TrainOptions:
     p_noise: float = 0.5
     """Probability of Poisson noise on the LR frames of a sample, dose ``10 ** U(dose_range)``."""
     flips: bool = True
+    p_motion: float = 0.0
+    """Probability that a sample is the most moving of ``motion_tries`` random crops (largest mean
+    |truth - key mean|): static crops, where the key frames are already right, then weigh less."""
+    motion_tries: int = 4
     seed: int = 0
     # ---- machine
     device: str = "auto"
@@ -271,7 +275,7 @@ def _check_options(o: TrainOptions) -> None:
         problems.append(f"betas must be two numbers in [0, 1), got {o.betas}")
     if not 0 <= o.ema < 1:
         problems.append(f"ema must be in [0, 1), got {o.ema}")
-    for name in ("p_jitter", "p_noise"):
+    for name in ("p_jitter", "p_noise", "p_motion"):
         if not 0 <= getattr(o, name) <= 1:
             problems.append(f"{name} must be in [0, 1], got {getattr(o, name)}")
     if len(o.dose_range) != 2 or not o.dose_range[0] <= o.dose_range[1]:
@@ -284,6 +288,8 @@ def _check_options(o: TrainOptions) -> None:
             problems.append(f"{name} must be >= 0, got {getattr(o, name)}")
     if o.val_windows < 1:
         problems.append(f"val_windows must be >= 1, got {o.val_windows}")
+    if o.motion_tries < 1:
+        problems.append(f"motion_tries must be >= 1, got {o.motion_tries}")
     if o.stop_at is not None and not 1 <= o.stop_at:
         problems.append(f"stop_at must be >= 1, got {o.stop_at}")
     if o.num_lr is not None and o.num_lr < 1:
@@ -451,13 +457,14 @@ class TrainSamples(Dataset):
 
     def __init__(self, infos: Sequence[ArchiveInfo], num_lr: int, head: str, crop: int, scale: int, seed: int,
                  rank: int, key_jitter: bool, p_jitter: float, dose_range: tuple[float, float], p_noise: float,
-                 flips: bool, length: int):
+                 flips: bool, length: int, p_motion: float = 0.0, motion_tries: int = 1):
         self.infos = list(infos)
         self.num_lr, self.head, self.crop, self.scale = num_lr, head, crop, scale
         self.seed, self.rank = int(seed), int(rank)
         self.key_jitter, self.p_jitter = key_jitter, float(p_jitter)
         self.dose_range, self.p_noise, self.flips = tuple(dose_range), float(p_noise), flips
         self.length = int(length)
+        self.p_motion, self.motion_tries = float(p_motion), int(motion_tries)
         n = np.array([i.n_frames for i in self.infos], dtype=np.float64)
         self.weights = n / n.sum()
         self._open: dict[int, tuple[Archive, Calibration]] = {}
@@ -485,9 +492,9 @@ class TrainSamples(Dataset):
             self._open[i] = (arc, Calibration(arc, Normalisation.from_dict(info.norm)))
         return self._open[i]
 
-    def draw(self, g: int) -> SampleSpec:
-        """The random choices of sample ``g``."""
-        rng = np.random.default_rng([self.seed, self.rank, int(g)])
+    def draw(self, g: int, candidate: int = 0) -> SampleSpec:
+        """The random choices of sample ``g`` (``candidate`` > 0: the extra draws of motion sampling)."""
+        rng = np.random.default_rng([self.seed, self.rank, int(g)] + ([1000 + candidate] if candidate else []))
         a = int(rng.choice(len(self.infos), p=self.weights))
         info = self.infos[a]
         n, nl = info.n_frames, self.num_lr
@@ -517,7 +524,19 @@ class TrainSamples(Dataset):
         return SampleSpec(a, frames, targets, keys, y, x, fv, fh, tr, dose)
 
     def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
-        spec = self.draw(g)
+        sample = self._load(self.draw(g), g)
+        if self.p_motion > 0 and self.motion_tries > 1:
+            rng = np.random.default_rng([self.seed, self.rank, int(g), 2])
+            if rng.random() < self.p_motion:  # keep the candidate whose truth moves most from the key mean
+                best = _motion_score(sample)
+                for k in range(1, self.motion_tries):
+                    other = self._load(self.draw(g, k), g)
+                    score = _motion_score(other)
+                    if score > best:
+                        sample, best = other, score
+        return sample
+
+    def _load(self, spec: SampleSpec, g: int) -> dict[str, torch.Tensor]:
         arc, calib = self._archive(spec.archive)
         c, s = self.crop, self.scale
         ys, xs = slice(spec.y, spec.y + c), slice(spec.x, spec.x + c)
@@ -546,6 +565,11 @@ class TrainSamples(Dataset):
             arrays = [a.transpose(0, 2, 1) for a in arrays]
         lr, hr, target = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None] for a in arrays)
         return {"lr": lr, "hr": hr, "target": target}
+
+
+def _motion_score(sample: Mapping[str, torch.Tensor]) -> float:
+    """Mean |truth - key-frame mean| of a sample: how much its crop changes between the key frames."""
+    return float((sample["target"] - sample["hr"].mean(0, keepdim=True)).abs().mean())
 
 
 class _StepBatches(Sampler):
@@ -752,7 +776,7 @@ def _build_model(opts: TrainOptions, log: Callable[[str], None]) -> tuple[SwinXV
 
 #: Options that change the trajectory of a run; a resume with other values is not the run it continues.
 _TRAJECTORY_OPTIONS = ("batch", "crop", "seed", "lr", "betas", "eta_min", "ema", "key_jitter", "p_jitter",
-                       "dose_range", "p_noise", "flips")
+                       "dose_range", "p_noise", "flips", "p_motion", "motion_tries")
 
 
 def _warn_resume_drift(ckpt: Mapping[str, Any], opts: TrainOptions, infos: Sequence[ArchiveInfo],
@@ -879,7 +903,7 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
     stop = opts.steps if opts.stop_at is None else min(opts.steps, opts.stop_at)
     dataset = TrainSamples(infos, cfg.num_lr, cfg.head, opts.crop, cfg.scale, opts.seed, dist_env.rank,
                            opts.key_jitter, opts.p_jitter, opts.dose_range, opts.p_noise, opts.flips,
-                           length=opts.steps * per_rank)
+                           length=opts.steps * per_rank, p_motion=opts.p_motion, motion_tries=opts.motion_tries)
     loader = DataLoader(dataset, batch_sampler=_StepBatches(start_step, stop, per_rank),
                         num_workers=opts.num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, generator=torch.Generator().manual_seed(opts.seed))
@@ -933,6 +957,7 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
                        "ema_warmup": "decay_n = min(ema, (1 + n) / (10 + n))", "drop_path": cfg.drop_path,
                        "crop_lr": opts.crop, "batch": opts.batch, "key_jitter": opts.key_jitter,
                        "p_jitter": opts.p_jitter, "dose_range": list(opts.dose_range), "p_noise": opts.p_noise,
+                       "p_motion": opts.p_motion, "motion_tries": opts.motion_tries,
                        "flips": opts.flips, "precision": "bf16" if use_bf16 else "fp32"},
             "data": [i.describe() for i in infos],
             "val_data": [i.describe() for i in val_infos],
