@@ -410,6 +410,14 @@ def demo_cmd(directory, frames, seed, quiet):
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Adam learning rate.")
 @click.option("--crop", type=click.IntRange(min=4), default=24, show_default=True, help="LR crop (HR = 4x).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--p-motion", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of samples that are the most moving of 4 random crops (the shipped weights: 0.5).")
+@click.option("--p-noise", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of samples with extra Poisson noise on the LR frames (the shipped weights: 0).")
+@click.option("--drop-path", type=click.FloatRange(0, 1), default=None,
+              help="Stochastic depth rate [default: the preset's].")
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes per rank.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--val-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True)
