@@ -54,8 +54,9 @@ def main() -> None:
               flush=True)
     mean = sum(r["margin_db"] for r in rows) / len(rows)
     summary = {"rows": rows, "mean_margin_db": mean, "min_margin_db": min(r["margin_db"] for r in rows)}
-    for name, sel in (("held-out family", [r for r in rows if r["held_out_family"]]),
-                      ("seen families", [r for r in rows if not r["held_out_family"]])):
+    known = [r for r in rows if r["families"] != "?"]  # --archives: families unknown, no split by family
+    for name, sel in (("held-out family", [r for r in known if r["held_out_family"]]),
+                      ("seen families", [r for r in known if not r["held_out_family"]])):
         if sel:
             summary[f"mean_margin_db_{name.replace(' ', '_').replace('-', '_')}"] = sum(r["margin_db"] for r in sel) / len(sel)
             print(f"mean margin, {name}: {summary[f'mean_margin_db_' + name.replace(' ', '_').replace('-', '_')]:+.2f} dB over {len(sel)} archives")

@@ -187,3 +187,27 @@ def test_examples_run(tmp_path, script):
     r = subprocess.run(["bash", str(REPO / script), str(tmp_path / "work")], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_score_weights_example_scores_against_the_baselines(tmp_path):
+    """examples/score_weights.py: reconstruct + evaluate per archive, margins that agree with the PSNRs."""
+    import json
+
+    from xvr_batch.synth import synthesize
+
+    paths = []
+    for seed, fam in ((11, "particles"), (12, "crack")):
+        paths.append(tmp_path / f"s{seed}.h5")
+        synthesize(str(paths[-1]), n_frames=41, hr_shape=(64, 64), stride=20, seed=seed, families=fam)
+    out = tmp_path / "score.json"
+    r = subprocess.run([sys.executable, str(REPO / "examples/score_weights.py"), "--archives", *map(str, paths),
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [row["archive"] for row in res["rows"]] == ["s11.h5", "s12.h5"]
+    for row in res["rows"]:
+        assert abs(row["margin_db"] - (row["swin_xvr"] - row["best_baseline"])) < 1e-9
+        assert row["best_baseline"] >= max(row["key_blend"], row["lr_bicubic"]) - 1e-9
+    assert abs(res["mean_margin_db"] - sum(r["margin_db"] for r in res["rows"]) / 2) < 1e-9
+    assert "mean_margin_db_seen_families" not in res  # families are unknown for --archives
+    assert "mean margin over all 2 archives" in r.stdout
