@@ -58,8 +58,9 @@ def main() -> None:
     for name, sel in (("held-out family", [r for r in known if r["held_out_family"]]),
                       ("seen families", [r for r in known if not r["held_out_family"]])):
         if sel:
-            summary[f"mean_margin_db_{name.replace(' ', '_').replace('-', '_')}"] = sum(r["margin_db"] for r in sel) / len(sel)
-            print(f"mean margin, {name}: {summary[f'mean_margin_db_' + name.replace(' ', '_').replace('-', '_')]:+.2f} dB over {len(sel)} archives")
+            key = "mean_margin_db_" + name.replace(" ", "_").replace("-", "_")
+            summary[key] = sum(r["margin_db"] for r in sel) / len(sel)
+            print(f"mean margin, {name}: {summary[key]:+.2f} dB over {len(sel)} archives")
     print(f"mean margin over all {len(rows)} archives: {mean:+.2f} dB (min {summary['min_margin_db']:+.2f})")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(summary, indent=1))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import to_xfusion_keys
+from conftest import cli, to_xfusion_keys
 
 from xvr_batch.errors import UserError
 from xvr_batch.model import SwinXVR, load_checkpoint, save_checkpoint
@@ -342,8 +342,6 @@ def test_cli_reports_user_error_in_one_line(data, tmp_path, capsys):
 
 def test_cli_train_passes_the_recipe_options(data, tmp_path):
     """`xvr-batch train` forwards the sampling/regularisation flags to the run and records them."""
-    from conftest import cli
-
     out = tmp_path / "cli.pt"
     proc = cli("train", data["a"], data["b"], "-o", out, "--preset", "tiny", "--steps", 2, "--batch", 2,
                "--crop", 16, "--p-motion", 1, "--p-noise", 0, "--drop-path", 0.05, "--num-workers", 0, "-q",
