@@ -10,7 +10,7 @@ import pytest
 
 from xvr_batch.errors import UserError
 from xvr_batch.io.parts import read_part, read_part_attrs, verify_part, write_part
-from xvr_batch.workdir import sha256_file
+from xvr_batch.durable import sha256_file
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16])
@@ -94,3 +94,162 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError):
         write_part(tmp_path / "p.h5", 0, np.zeros((1, 4, 4), np.float32), attrs={"start": 3})
     assert os.listdir(tmp_path) == []
+
+
+# -- full disks and the final rename (real small tmpfs, in a subprocess so that a crash shows) -------------
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from xvr_batch.io.output import stitch_output  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="needs root to mount a tmpfs")
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str):
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def run_sweep(code: str, *args) -> list:
+    """Run ``code`` in a fresh interpreter; it prints one JSON list. A crash (rc -11) fails the test."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, f"rc {r.returncode}\n{r.stderr[-3000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# For each amount of free space (4 KiB steps across the whole part), write a part of 8 frames of 64x64
+# float32 (~130 KiB): the failure lands on the first frame, in the middle, at the flush, at the close and at
+# the final fsync/rename, and each must be a DiskFullError with nothing left behind.
+PART_SWEEP = """
+import json, os, sys
+import numpy as np
+from xvr_batch.durable import DiskFullError
+from xvr_batch.io.parts import StreamingPart, verify_part
+d = sys.argv[1]
+filler = os.path.join(d, "filler")
+out = []
+for free_kib in range(0, 168, 4):
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+    st = os.statvfs(d)
+    with open(filler, "wb") as fh:
+        fh.write(b"x" * max(0, st.f_bavail * st.f_frsize - free_kib * 1024))
+    path = os.path.join(d, "unit-000003.h5")
+    try:
+        part = StreamingPart(path, 24, 8, (64, 64), np.float32, attrs={"unit": 3})
+        for i in range(8):
+            part.write(i, np.full((64, 64), i, np.float32))
+        sha = part.commit()
+        assert verify_part(path, sha)
+        out.append("ok")
+    except DiskFullError as exc:
+        assert exc.errno == 28 and exc.filename == path, exc
+        left = sorted(n for n in os.listdir(d) if n != "filler")
+        assert left == [], left
+        out.append("full")
+print(json.dumps(out))
+"""
+
+
+@needs_root
+def test_full_disk_at_any_moment_of_a_part_write_is_a_clean_error(tmp_path):
+    with small_tmpfs(tmp_path / "small", "256k") as d:
+        outcomes = run_sweep(PART_SWEEP, d)
+    assert outcomes[0] == "full" and outcomes[-1] == "ok", outcomes
+    assert outcomes.count("full") >= 20  # the failure moved through the whole write
+
+
+STITCH_SWEEP = """
+import json, os, sys
+import numpy as np
+from xvr_batch.durable import DiskFullError
+from xvr_batch.io.output import stitch_output
+parts_dir, d, compression = sys.argv[1], sys.argv[2], sys.argv[3]
+parts = [os.path.join(parts_dir, f"unit-{u:06d}.h5") for u in range(3)]
+filler = os.path.join(d, "filler")
+out = []
+for free_kib in range(0, 264, 8):
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+    st = os.statvfs(d)
+    with open(filler, "wb") as fh:
+        fh.write(b"x" * max(0, st.f_bavail * st.f_frsize - free_kib * 1024))
+    target = os.path.join(d, "out.h5")
+    try:
+        stitch_output(target, parts, (12, 64, 64), np.dtype("float32"), compression, np.array([0, 11]),
+                      {"version": "test", "plan": {"n_frames": 12}})
+        out.append("ok")
+    except DiskFullError as exc:
+        assert exc.errno == 28 and exc.filename == target, exc
+        left = sorted(n for n in os.listdir(d) if n != "filler")
+        assert left == [], left
+        out.append("full")
+print(json.dumps(out))
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_full_disk_at_any_moment_of_the_stitch_is_a_clean_error(tmp_path, compression):
+    rng = np.random.default_rng(0)
+    for u in range(3):
+        write_part(tmp_path / f"unit-{u:06d}.h5", 4 * u, rng.random((4, 64, 64)).astype(np.float32))
+    with small_tmpfs(tmp_path / "small", "384k") as d:
+        outcomes = run_sweep(STITCH_SWEEP, tmp_path, d, compression)
+    assert outcomes[0] == "full" and outcomes[-1] == "ok", outcomes
+    assert outcomes.count("full") >= 3
+
+
+def _stitch(parts, out, **kw):
+    return stitch_output(out, parts, (4, 8, 8), np.dtype("float32"), "none", np.array([0, 3]), {"v": "1"}, **kw)
+
+
+def test_stitch_never_replaces_an_existing_output_without_overwrite(tmp_path):
+    part = tmp_path / "unit-000000.h5"
+    write_part(part, 0, np.ones((4, 8, 8), np.float32))
+    out = tmp_path / "out.h5"
+    out.write_bytes(b"someone else's result")  # e.g. another run finished meanwhile
+    with pytest.raises(UserError, match="appeared while it was being written.*--overwrite") as err:
+        _stitch([part], out)
+    assert "\n" not in str(err.value)
+    assert out.read_bytes() == b"someone else's result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5", "unit-000000.h5"]  # no temporary left
+    _stitch([part], out, overwrite=True)
+    with h5py.File(out, "r") as f:
+        assert f["/exchange/data"].shape == (4, 8, 8)
+    out.unlink()
+    assert _stitch([part], out) == out  # nothing there: published
+
+
+def test_stitch_removes_temporaries_of_dead_processes_only(tmp_path):
+    part = tmp_path / "unit-000000.h5"
+    write_part(part, 0, np.ones((4, 8, 8), np.float32))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    from xvr_batch.durable import temp_path
+    mine = temp_path(tmp_path / "out.h5")
+    stale_new = tmp_path / mine.name.replace(f"tmp-{os.getpid()}-", f"tmp-{dead.pid}-")
+    stale_old = tmp_path / f".out.h5.tmp-{dead.pid}"  # the scheme of earlier releases
+    other_host = tmp_path / f".out.h5.tmp-{dead.pid}-00000000-12345678"
+    for p in (stale_new, stale_old, other_host):
+        p.write_bytes(b"x")
+    _stitch([part], tmp_path / "out.h5")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([other_host.name, "out.h5", "unit-000000.h5"])

@@ -1,8 +1,8 @@
-"""Synthetic high-speed x-ray imaging archives (DESIGN.md sections 1 and 3).
+"""Synthetic high-speed x-ray imaging archives.
 
 :func:`generate` renders a two-camera recording of a moving sample the way a synchrotron
 high-speed radiography experiment sees it; :func:`write_archive` stores it in the archive layout
-of DESIGN.md section 3; :func:`synthesize` does both and returns a short summary.
+of README.md ("Input archive"); :func:`synthesize` does both and returns a short summary.
 
 Physics model
 -------------
@@ -965,33 +965,26 @@ def write_archive(
     parameters) are stored as attributes of the ``/synth`` group, together with all of them as
     one JSON string in ``params_json``; values that HDF5 cannot hold directly (dicts, lists of
     strings, None) are stored as JSON. ``compression`` is passed to h5py (e.g. ``"gzip"``).
-    The file is written under a temporary name in the same folder and renamed at the end, so
-    ``path`` is either complete or untouched.
+    The file is written under a temporary name in the same folder, fsynced and renamed at the end
+    (:class:`xvr_batch.durable.AtomicH5File`), so ``path`` is either complete or untouched; a full
+    disk raises :class:`xvr_batch.durable.DiskFullError` and leaves no temporary file.
     """
-    import h5py
+    from xvr_batch.durable import AtomicH5File
 
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with h5py.File(tmp, "w") as f:
-            for key, value in arrays.items():
-                arr = np.asarray(value)
-                chunks = (1,) + arr.shape[1:] if arr.ndim == 3 and arr.shape[0] > 0 else None
-                f.create_dataset(key, data=arr, chunks=chunks, compression=compression)
-            if attrs is not None:
-                grp = f.require_group("/synth")
-                for key, value in attrs.items():
-                    grp.attrs[key] = _attr_value(value)
-                grp.attrs["params_json"] = json.dumps(dict(attrs), default=str, sort_keys=True)
-            if "/exchange" in f:
-                f["/exchange"].attrs["generator"] = _FORMAT
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    with AtomicH5File(path, overwrite=True) as f:
+        for key, value in arrays.items():
+            arr = np.asarray(value)
+            chunks = (1,) + arr.shape[1:] if arr.ndim == 3 and arr.shape[0] > 0 else None
+            ds = f.create_dataset(key, data=arr, chunks=chunks, compression=compression)
+            ds.flush()  # here a full disk raises; in the dataset's close it could only crash later
+            del ds
+        if attrs is not None:
+            grp = f.require_group("/synth")
+            for key, value in attrs.items():
+                grp.attrs[key] = _attr_value(value)
+            grp.attrs["params_json"] = json.dumps(dict(attrs), default=str, sort_keys=True)
+        if "/exchange" in f:
+            f["/exchange"].attrs["generator"] = _FORMAT
 
 
 def synthesize(path: str | os.PathLike[str], **kwargs: Any) -> dict[str, Any]:

@@ -5,61 +5,74 @@ A work directory (default ``OUT.h5.xvr/``) looks like this::
     manifest.json      the plan, input fingerprint, config and weights hashes, normalisation
     journal.jsonl      append-only log: one JSON line per finished (or failed) work unit
     parts/             one small HDF5 file per finished unit (see :mod:`xvr_batch.io.parts`)
-    lock               who is working here (pid, host, start time), guarded by flock
+    lock               who is working here (pid, host, start time); see :mod:`xvr_batch.lock`
 
 Crash-safety guarantees (the process may be SIGKILLed, or the node may lose power, at any point):
 
 * **Manifest.** Written to a temporary file in the same directory, flushed and fsynced, then
-  renamed over ``manifest.json`` with :func:`os.replace`, and the directory is fsynced. A reader
-  sees either the old manifest or the new one, never a mixture. It is read as JSON only.
+  renamed over ``manifest.json``, and the directory is fsynced
+  (:func:`xvr_batch.durable.atomic_write_bytes`). A reader sees either the old manifest or the
+  new one, never a mixture. It is read as JSON only.
 * **Parts.** Written under a temporary name and renamed (see :mod:`xvr_batch.io.parts`), so a part
   file under its final name is always complete. Its sha256 is recorded in the journal only *after*
   the rename, so the journal never points at a part that was not fully written.
 * **Journal.** Every record is one line, written with a single ``os.write`` on an ``O_APPEND``
   descriptor and fsynced before :meth:`WorkDir.record_done` returns. Each line carries a sha256
-  (``crc``) of its own canonical JSON. A crash can at worst leave a truncated last line (or, on
-  some filesystems, a run of NUL bytes); :meth:`WorkDir.read_journal` skips such lines, and the
-  next append starts on a fresh line. A unit is done only if its latest valid record says so *and*
-  (when verified) its part exists inside the work directory with the recorded sha256; anything
-  else is simply redone. Losing a record therefore costs recomputation, never correctness.
+  (``crc``) of its own canonical JSON (:func:`xvr_batch.durable.canonical_json`). A crash can at
+  worst leave a truncated last line (or, on some filesystems, a run of NUL bytes);
+  :meth:`WorkDir.read_journal` skips such lines, and the next append starts on a fresh line. A unit
+  is done only if its latest valid record says so *and* its part path is exactly
+  ``parts/unit-NNNNNN.h5`` of that unit *and* (when verified) that part is a regular file with the
+  recorded sha256; anything else is simply redone. Losing a record therefore costs recomputation,
+  never correctness.
 * **Replanning.** :meth:`WorkDir.create` discards any previous journal *before* it writes the new
   manifest, so a crash in between leaves a manifest with no completions (everything is redone)
-  rather than a new manifest with stale completions.
-* **Paths from the journal** are untrusted: absolute paths, ``..`` components and symlinks that
-  resolve outside the work directory are refused.
-* **Lock.** :class:`WorkDirLock` holds ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``lock`` for as long as
-  the work runs. The kernel drops the lock when its holder dies, even on SIGKILL, so a lock left
-  behind by a dead run is taken over silently. On filesystems without ``flock`` the lock falls back
-  to an exclusive-create pid file; a pid file left by a process on this host that is no longer alive
-  is taken over, one left by another host must be removed by the user.
+  rather than a new manifest with stale completions. It never deletes through a symlink: a
+  symlinked ``parts`` is replaced by a real directory, its target left alone.
+* **Untrusted content.** Paths from the journal are untrusted: absolute paths, ``..`` components
+  and symlinks that resolve outside the work directory are refused. Every reader (manifest, plan,
+  journal, status) returns a result or raises a one-line :class:`UserError` whatever the files
+  hold (garbage, deep nesting, huge lines, a FIFO or a directory in place of a file); FIFOs are
+  never opened for reading for real.
+* **Lock.** :meth:`WorkDir.lock` gives a :class:`xvr_batch.lock.WorkDirLock`: a flock on the
+  directory itself, taken over silently from a dead holder.
+
+A work directory that cannot be written (read-only filesystem, permissions) gives a one-line
+:class:`UserError` from every writer; a full disk raises :class:`xvr_batch.durable.DiskFullError`.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
+import contextlib
 import errno
-import fcntl
-import hashlib
 import json
 import logging
 import math
 import os
 import pathlib
 import re
-import socket
+import stat
 import time
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
+from xvr_batch.durable import (
+    DiskFullError,
+    atomic_write_bytes,
+    canonical_hash,
+    canonical_json,
+    fsync_dir,
+    is_disk_full,
+    pid_alive,
+    remove_stale_temps_in,
+    sha256_file,
+)
 from xvr_batch.errors import UserError
+from xvr_batch.lock import WorkDirLock, not_writable
 
 __all__ = [
     "MANIFEST_VERSION",
     "REQUIRED_MANIFEST_KEYS",
     "WorkDir",
-    "WorkDirLock",
-    "sha256_file",
-    "fsync_dir",
-    "atomic_write_bytes",
     "journal_crc",
 ]
 
@@ -67,8 +80,12 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-MANIFEST_VERSION = 1
-REQUIRED_MANIFEST_KEYS = ("version", "plan", "fingerprint", "config_hash", "weights_sha256")
+#: 2: ``{version, tool_version, created, job, plan, options}`` (1 repeated job facts at the top level).
+MANIFEST_VERSION = 2
+REQUIRED_MANIFEST_KEYS = ("version", "job", "plan", "options")
+#: Manifest keys that, when present, must be JSON objects (the pipeline reads them as such).
+_OBJECT_MANIFEST_KEYS = ("plan", "weights", "settings", "normalisation", "options", "job", "model",
+                         "plan_args", "paths")
 
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = "journal.jsonl"
@@ -80,84 +97,48 @@ _RESERVED_FIELDS = frozenset(
     {"unit", "part", "sha256", "frames", "t", "status", "error", "crc", "bytes"}
 )
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_PART_FILE = re.compile(r"unit-\d{6,}\.h5(\.tmp-\d+)?")
+#: A part's final name.
+_PART_NAME = re.compile(r"unit-\d{6,}\.h5")
+#: What ``create`` removes from ``parts/``: parts and the temporaries of today's and older releases.
+_PART_FILE = re.compile(r"\.?unit-\d{6,}\.h5(\.tmp-[0-9a-f-]+)?")
+_LEGACY_PART_TEMP = re.compile(r"unit-\d{6,}\.h5\.tmp-(\d{1,10})")
 #: Longest error message kept in a ``failed`` record.
 _MAX_ERROR_CHARS = 2000
-
-
-# ----------------------------------------------------------------------------------------------
-# Small durability helpers (shared with xvr_batch.io.parts)
-# ----------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: PathLike, bufsize: int = 1 << 20) -> str:
-    """Return the hex sha256 of the bytes of ``path`` as they are on disk."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(bufsize)
-            if not block:
-                break
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fsync_dir(path: PathLike) -> None:
-    """fsync a directory so that renames and creations inside it survive a power loss.
-
-    Filesystems that cannot fsync a directory (EINVAL and friends) are tolerated.
-    """
-    fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as exc:  # pragma: no cover - depends on the filesystem
-        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically and durably.
-
-    The bytes go to ``PATH.tmp-PID`` in the same directory, are fsynced, renamed over ``path`` and
-    the directory is fsynced. Readers see the old content or the new, never a mixture; the
-    temporary file is removed if anything fails.
-    """
-    path = pathlib.Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
-def _canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+#: Longest journal line read (a record is a few hundred bytes); longer lines are skipped.
+_MAX_RECORD_BYTES = 1 << 20
+#: Largest manifest read (a plan of 100 000 units is ~10 MB).
+_MAX_MANIFEST_BYTES = 256 << 20
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
 def journal_crc(record: Dict[str, Any]) -> str:
     """sha256 hex of the canonical JSON of ``record`` without its ``crc`` field."""
-    body = {k: v for k, v in record.items() if k != "crc"}
-    return hashlib.sha256(_canonical_json(body).encode("utf-8")).hexdigest()
+    return canonical_hash({k: v for k, v in record.items() if k != "crc"})
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters (for messages about tampering)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,10 +152,10 @@ class WorkDir:
     Attributes set by the readers:
 
     * ``journal_skipped`` -- number of journal lines the last :meth:`read_journal` skipped
-      (truncated, not JSON, wrong types, bad crc).
+      (truncated, too long, not JSON, wrong types, bad crc).
     * ``problems`` -- ``{unit_id: reason}`` for units whose latest record says done but which
-      :meth:`completed_units` did not accept (missing or corrupt part, unsafe path, frames that
-      do not match the plan).
+      :meth:`completed_units` did not accept (missing or corrupt part, unsafe or foreign path,
+      frames that do not match the plan).
     """
 
     def __init__(self, path: PathLike):
@@ -189,65 +170,177 @@ class WorkDir:
     def __repr__(self) -> str:
         return f"WorkDir({str(self.path)!r})"
 
+    # -- errors --------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Turn the OS errors of a write into what a user can act on.
+
+        Not writable -> UserError; a directory or a link where a file belongs -> UserError;
+        a full disk -> :class:`DiskFullError`; anything else unchanged.
+        """
+        try:
+            yield
+        except DiskFullError:
+            raise
+        except OSError as exc:
+            err = not_writable(exc, self.path)
+            if err is not None:
+                raise err from None
+            where = exc.filename or self.path
+            if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.EEXIST):
+                raise UserError(
+                    f"work directory {self.path} is damaged: {where} is in the way "
+                    f"({exc.strerror}); remove it, or choose another --workdir"
+                ) from None
+            if is_disk_full(exc):
+                raise DiskFullError(where) from exc
+            raise
+
+    def _open_dir(self, rel: Optional[str] = None, dir_fd: Optional[int] = None) -> int:
+        """A descriptor of the work directory (or of ``rel`` in it, never through a symlink)."""
+        if rel is None:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | _DIRECTORY)
+        return os.open(rel, os.O_RDONLY | os.O_CLOEXEC | _DIRECTORY | _NOFOLLOW, dir_fd=dir_fd)
+
+    def _read_regular(self, path: pathlib.Path, what: str, limit: int) -> bytes:
+        """The bytes of ``path`` if it is a regular file (not a link) of at most ``limit`` bytes.
+
+        ``FileNotFoundError`` if it does not exist; :class:`UserError` for anything else that
+        is wrong. A FIFO is opened non-blocking and refused, never read.
+        """
+        fix = "rerun with --force-replan or delete the work directory"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UserError(f"{what} {path} is a symlink; remove it, or {fix}") from None
+            if exc.errno == errno.ENOTDIR:
+                raise UserError(f"{self.path} is not a directory; check the --workdir path") from None
+            raise UserError(f"cannot read {what} {path}: {exc.strerror}; check its permissions") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UserError(f"{what} {path} is {_kind(st.st_mode)}, not a file; remove it, or {fix}")
+            if st.st_size > limit:
+                raise UserError(f"{what} {path} is implausibly large ({st.st_size} bytes); {fix}")
+            chunks = []
+            total = 0
+            while True:
+                block = os.read(fd, 1 << 20)
+                if not block:
+                    break
+                total += len(block)
+                if total > limit:
+                    raise UserError(f"{what} {path} is implausibly large (over {limit} bytes); {fix}")
+                chunks.append(block)
+            return b"".join(chunks)
+        except OSError as exc:
+            raise UserError(f"cannot read {what} {path}: {exc.strerror}; {fix}") from None
+        finally:
+            os.close(fd)
+
     # -- manifest ------------------------------------------------------------------------------
 
     def exists(self) -> bool:
-        """True if the work directory has a manifest."""
+        """True if the work directory has a manifest (a regular file, or a link to one)."""
         return self.manifest_path.is_file()
 
     def create(self, manifest: Dict[str, Any]) -> None:
         """Create the directory and ``parts/`` if needed and write ``manifest`` as a fresh plan.
 
         Any previous journal is removed first (and with it every recorded completion), together
-        with leftover part files, because they belong to the previous plan.
+        with leftover part files and temporaries, because they belong to the previous plan.
+        Nothing is deleted through a symlink: a symlinked journal or part is removed as a link, a
+        symlinked ``parts`` is replaced by a real directory. A ``parts`` or journal that is some
+        other non-file (a directory where the journal belongs, a file where ``parts`` belongs) is
+        refused with a :class:`UserError`.
         """
         _validate_manifest(manifest, where=str(self.manifest_path), on_error=ValueError)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.parts_dir.mkdir(exist_ok=True)
-        fsync_dir(self.path.parent)
-        removed_journal = False
-        try:
-            os.unlink(self.journal_path)
-            removed_journal = True
-        except FileNotFoundError:
-            pass
-        if removed_journal:
+        with self._writing():
+            make_workdir(self.path)
+            fsync_dir(self.path.parent)
+            dfd = self._open_dir()
+            try:
+                if self._remove_journal(dfd):
+                    os.fsync(dfd)
+                    log.debug("removed the previous journal %s", self.journal_path)
+                self._reset_parts(dfd)
+            finally:
+                os.close(dfd)
+            self.write_manifest(manifest)
             fsync_dir(self.path)
-            log.debug("removed the previous journal %s", self.journal_path)
-        for entry in os.listdir(self.parts_dir):
-            if _PART_FILE.fullmatch(entry):
+
+    def _remove_journal(self, dfd: int) -> bool:
+        try:
+            st = os.lstat(JOURNAL_NAME, dir_fd=dfd)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            raise UserError(
+                f"journal {self.journal_path} is a directory; remove it, or choose another --workdir"
+            )
+        os.unlink(JOURNAL_NAME, dir_fd=dfd)  # a link is removed as a link
+        return True
+
+    def _reset_parts(self, dfd: int) -> None:
+        """Make ``parts`` a real, empty-of-parts directory without following any link."""
+        try:
+            st: Optional[os.stat_result] = os.lstat(PARTS_NAME, dir_fd=dfd)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            log.warning("%s is a symlink; replacing it by a directory (its target is left alone)",
+                        self.parts_dir)
+            os.unlink(PARTS_NAME, dir_fd=dfd)
+            st = None
+        if st is None:
+            os.mkdir(PARTS_NAME, 0o755, dir_fd=dfd)
+        elif not stat.S_ISDIR(st.st_mode):
+            raise UserError(
+                f"{self.parts_dir} is {_kind(st.st_mode)}, where the parts folder belongs; remove "
+                "it, or choose another --workdir"
+            )
+        pfd = self._open_dir(PARTS_NAME, dir_fd=dfd)
+        try:
+            for entry in os.listdir(pfd):
+                if not _PART_FILE.fullmatch(entry):
+                    continue
                 try:
-                    os.unlink(self.parts_dir / entry)
-                except FileNotFoundError:
+                    os.unlink(entry, dir_fd=pfd)
+                except (FileNotFoundError, IsADirectoryError):
                     pass
-        self.write_manifest(manifest)
-        fsync_dir(self.path)
+                except PermissionError as exc:  # EPERM: a directory on some systems
+                    if exc.errno != errno.EPERM:
+                        raise
+        finally:
+            os.close(pfd)
 
     def write_manifest(self, manifest: Dict[str, Any]) -> None:
-        """Write ``manifest`` atomically (tmp file, fsync, ``os.replace``, fsync dir)."""
+        """Write ``manifest`` atomically (tmp file, fsync, rename, fsync dir)."""
         _validate_manifest(manifest, where=str(self.manifest_path), on_error=ValueError)
         data = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        atomic_write_bytes(self.manifest_path, data.encode("utf-8"))
+        with self._writing():
+            atomic_write_bytes(self.manifest_path, data.encode("utf-8"))
 
     def read_manifest(self) -> Dict[str, Any]:
         """Read and validate ``manifest.json`` (JSON only); :class:`UserError` if missing/bad."""
         where = str(self.manifest_path)
         try:
-            raw = self.manifest_path.read_bytes()
+            raw = self._read_regular(self.manifest_path, "manifest", _MAX_MANIFEST_BYTES)
         except FileNotFoundError:
             raise UserError(
                 f"no manifest at {where}: {self.path} is not an xvr_batch work directory; "
                 "check the path, or run reconstruct to create it"
             ) from None
-        except OSError as exc:
-            raise UserError(
-                f"cannot read manifest {where}: {exc.strerror}; check its permissions"
-            ) from None
         try:
             manifest = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
             raise UserError(
-                f"manifest {where} is corrupt (not valid JSON: {exc}); "
+                f"manifest {where} is corrupt (not valid JSON: {why[:200]}); "
                 "rerun with --force-replan or delete the work directory"
             ) from None
         _validate_manifest(manifest, where=where, on_error=UserError)
@@ -257,10 +350,11 @@ class WorkDir:
         """``{unit_id: (start, stop)}`` from ``manifest["plan"]["units"]`` (read if not given)."""
         if manifest is None:
             manifest = self.read_manifest()
-        units = manifest["plan"].get("units") if isinstance(manifest.get("plan"), dict) else None
+        plan = manifest.get("plan") if isinstance(manifest, dict) else None
+        units = plan.get("units") if isinstance(plan, dict) else None
         bad = (
             f"manifest {self.manifest_path} has a corrupt plan (plan.units must be a list of "
-            "{id, start, stop} with unique ids and 0 <= start <= stop); "
+            "{id, start, stop} with unique ids >= 0 and 0 <= start <= stop); "
             "rerun with --force-replan or delete the work directory"
         )
         if not isinstance(units, list):
@@ -272,7 +366,7 @@ class WorkDir:
             uid, start, stop = unit.get("id"), unit.get("start"), unit.get("stop")
             if not (_is_int(uid) and _is_int(start) and _is_int(stop)) or uid in out:
                 raise UserError(bad)
-            if not 0 <= start <= stop:
+            if uid < 0 or not 0 <= start <= stop:
                 raise UserError(bad)
             out[uid] = (start, stop)
         return out
@@ -298,30 +392,58 @@ class WorkDir:
         """
         if not isinstance(rel, str) or not rel or "\x00" in rel:
             raise UserError(
-                f"invalid part path {rel!r} in {self.journal_path}; "
+                f"invalid part path {_show(rel)} in {self.journal_path}; "
                 "delete that journal line or the work directory"
             )
         pure = pathlib.PurePosixPath(rel)
         if pure.is_absolute() or rel.startswith("\\") or ".." in pure.parts:
             raise UserError(
-                f"part path {rel!r} in {self.journal_path} escapes the work directory {self.path}; "
-                "part paths must be relative and stay inside it: delete that journal line"
+                f"part path {_show(rel)} in {self.journal_path} escapes the work directory "
+                f"{self.path}; part paths must be relative and stay inside it: delete that journal line"
             )
         candidate = self.path.joinpath(*pure.parts)
         try:
             root = self.path.resolve()
             resolved = candidate.resolve()
-        except (OSError, RuntimeError) as exc:  # symlink loop
+        except (OSError, RuntimeError) as exc:  # symlink loop, name too long
             raise UserError(
-                f"part path {rel!r} under {self.path} cannot be resolved ({exc}); "
-                "remove the link and rerun"
+                f"part path {_show(rel)} under {self.path} cannot be resolved "
+                f"({_show(str(exc), 200)}); remove the link and rerun"
             ) from None
         if root not in resolved.parents:
             raise UserError(
-                f"part path {rel!r} under {self.path} resolves to {resolved}, outside the work "
-                "directory (symlink?); remove the link and rerun"
+                f"part path {_show(rel)} under {self.path} resolves to {_show(str(resolved))}, "
+                "outside the work directory (symlink?); remove the link and rerun"
             )
         return candidate
+
+    def remove_stale_temps(self) -> int:
+        """Remove part temporaries left in ``parts/`` by dead processes of this host.
+
+        Temporaries of live processes and of other hosts are kept, so this is safe while other
+        nodes write parts; call it with the work-directory lock held. Returns how many went.
+        """
+        removed = len(remove_stale_temps_in(self.parts_dir, lambda name: bool(_PART_NAME.fullmatch(name))))
+        try:
+            dfd = self._open_dir()
+            try:
+                pfd = self._open_dir(PARTS_NAME, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            return removed
+        try:
+            for entry in os.listdir(pfd):
+                m = _LEGACY_PART_TEMP.fullmatch(entry)
+                if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+                    try:
+                        os.unlink(entry, dir_fd=pfd)
+                        removed += 1
+                    except OSError:
+                        pass
+        finally:
+            os.close(pfd)
+        return removed
 
     # -- journal -------------------------------------------------------------------------------
 
@@ -335,8 +457,10 @@ class WorkDir:
     ) -> None:
         """Append (and fsync) a record saying ``unit_id`` is done, its part and the part's sha256.
 
-        Call it only after the part has been renamed into place. ``frames`` is ``(start, stop)``.
-        ``extra`` adds JSON fields (not the reserved ones).
+        Call it only after the part has been renamed into place. ``rel_part`` must be
+        :meth:`part_relpath` of ``unit_id`` (``ValueError`` otherwise; :class:`UserError` if it
+        escapes the work directory). ``frames`` is ``(start, stop)``. ``extra`` adds JSON fields
+        (not the reserved ones).
         """
         if not _is_int(unit_id) or unit_id < 0:
             raise ValueError(f"unit id must be a non-negative int, got {unit_id!r}")
@@ -347,10 +471,13 @@ class WorkDir:
         if not 0 <= start <= stop:
             raise ValueError(f"frames must be (start, stop), 0 <= start <= stop; got {frames!r}")
         path = self.resolve_part(rel_part)
+        rel = pathlib.PurePosixPath(rel_part).as_posix()
+        if rel != self.part_relpath(unit_id):
+            raise ValueError(f"the part of unit {unit_id} is {self.part_relpath(unit_id)}, not {rel_part!r}")
         record: Dict[str, Any] = {
             "unit": unit_id,
             "status": "done",
-            "part": pathlib.PurePosixPath(rel_part).as_posix(),
+            "part": rel,
             "sha256": sha,
             "frames": [start, stop],
             "t": time.time(),
@@ -376,45 +503,84 @@ class WorkDir:
     def _append(self, record: Dict[str, Any]) -> None:
         record = dict(record)
         record["crc"] = journal_crc(record)
-        line = (_canonical_json(record) + "\n").encode("utf-8")
-        self.path.mkdir(parents=True, exist_ok=True)
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        fd = os.open(self.journal_path, flags, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            empty = size == 0
-            if not empty and os.pread(fd, 1, size - 1) != b"\n":
-                # The previous writer died mid-line: start ours on a fresh line so that only the
-                # torn record is lost.
-                line = b"\n" + line
-            if os.write(fd, line) != len(line):  # pragma: no cover - disk full etc.
-                raise OSError(errno.EIO, f"short write to {self.journal_path}")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if empty:  # possibly a new file: make its directory entry durable
-            fsync_dir(self.path)
+        line = (canonical_json(record) + "\n").encode("utf-8")
+        with self._writing():
+            make_workdir(self.path)
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW
+            fd = os.open(self.journal_path, flags, 0o644)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise UserError(
+                        f"journal {self.journal_path} is {_kind(st.st_mode)}, not a file; remove it, "
+                        "or choose another --workdir"
+                    )
+                size = st.st_size
+                empty = size == 0
+                if not empty and os.pread(fd, 1, size - 1) != b"\n":
+                    # The previous writer died mid-line: start ours on a fresh line so that only
+                    # the torn record is lost.
+                    line = b"\n" + line
+                written = os.write(fd, line)
+                if written != len(line):  # pragma: no cover - a full disk fails with ENOSPC
+                    raise DiskFullError(self.journal_path, f"short write of {written}/{len(line)} bytes")
+                os.fsync(fd)
+            except OSError as exc:
+                if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+                    raise DiskFullError(self.journal_path) from exc
+                raise
+            finally:
+                os.close(fd)
+            if empty:  # possibly a new file: make its directory entry durable
+                fsync_dir(self.path)
 
     def read_journal(self) -> Dict[int, Dict[str, Any]]:
-        """The latest valid record per unit. Never raises on garbage.
+        """The latest valid record per unit.
 
-        Lines that are truncated, not JSON, have wrong field types or a bad crc are skipped and
-        counted in ``self.journal_skipped``. Blank lines are ignored.
+        Lines that are truncated, too long, not JSON, have wrong field types or a bad crc are
+        skipped and counted in ``self.journal_skipped``; blank lines are ignored. A missing
+        journal is empty. A journal that is not a regular file (a directory, a FIFO, a symlink)
+        or cannot be read is a :class:`UserError`.
         """
         self.journal_skipped = 0
+        fix = "remove it (every unit is then redone), or rerun with --force-replan"
         try:
-            raw = self.journal_path.read_bytes()
+            fd = os.open(self.journal_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW)
         except FileNotFoundError:
             return {}
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UserError(f"journal {self.journal_path} is a symlink; {fix}") from None
+            if exc.errno == errno.ENOTDIR:
+                raise UserError(f"{self.path} is not a directory; check the work directory path") from None
+            raise UserError(f"cannot read journal {self.journal_path}: {exc.strerror}; {fix}") from None
         latest: Dict[int, Dict[str, Any]] = {}
-        for chunk in raw.split(b"\n"):
-            if not chunk.strip():
-                continue
-            record = _parse_record(chunk)
-            if record is None:
-                self.journal_skipped += 1
-                continue
-            latest[record["unit"]] = record
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise UserError(f"journal {self.journal_path} is {_kind(mode)}, not a file; {fix}")
+            with os.fdopen(fd, "rb", buffering=1 << 16, closefd=False) as fh:
+                while True:
+                    line = fh.readline(_MAX_RECORD_BYTES + 1)
+                    if not line:
+                        break
+                    if len(line) > _MAX_RECORD_BYTES:
+                        while line and not line.endswith(b"\n"):  # skip the rest of the line
+                            line = fh.readline(1 << 20)
+                        self.journal_skipped += 1
+                        continue
+                    chunk = line[:-1] if line.endswith(b"\n") else line
+                    if not chunk.strip():
+                        continue
+                    record = _parse_record(chunk)
+                    if record is None:
+                        self.journal_skipped += 1
+                        continue
+                    latest[record["unit"]] = record
+        except OSError as exc:
+            raise UserError(f"cannot read journal {self.journal_path}: {exc.strerror}; {fix}") from None
+        finally:
+            os.close(fd)
         if self.journal_skipped:
             log.warning(
                 "%s: skipped %d damaged journal line(s)", self.journal_path, self.journal_skipped
@@ -424,10 +590,11 @@ class WorkDir:
     def completed_units(self, verify: bool = True) -> Dict[int, Dict[str, Any]]:
         """Units whose latest record is ``done`` and whose part can be trusted.
 
-        The part path must stay inside the work directory. If the manifest exists, the unit must
-        be in the plan with the same frames. With ``verify`` the part must exist and have the
-        recorded sha256. Rejected units are listed in ``self.problems`` (unit -> reason); they
-        are not returned and should be redone.
+        The part path must be exactly :meth:`part_relpath` of the record's unit and stay inside
+        the work directory. If the manifest exists, the unit must be in the plan with the same
+        frames. With ``verify`` the part must be a regular file with the recorded sha256.
+        Rejected units are listed in ``self.problems`` (unit -> reason); they are not returned
+        and should be redone.
         """
         plan = self.plan_units() if self.exists() else None
         return self._accept(self.read_journal(), plan, verify)
@@ -444,37 +611,60 @@ class WorkDir:
         for uid, record in sorted(journal.items()):
             if record.get("status", "done") != "done":
                 continue
-            try:
-                path = self.resolve_part(record["part"])
-            except UserError as exc:
-                self.problems[uid] = str(exc)
-                continue
-            if plan is not None:
-                if uid not in plan:
-                    self.problems[uid] = f"unit {uid} is not in the plan of {self.manifest_path}"
-                    continue
-                if tuple(record["frames"]) != plan[uid]:
-                    self.problems[uid] = (
-                        f"unit {uid} was recorded for frames {record['frames']} but the plan has "
-                        f"{list(plan[uid])}"
-                    )
-                    continue
-            if verify:
-                try:
-                    actual = sha256_file(path)
-                except FileNotFoundError:
-                    self.problems[uid] = f"part {path} of unit {uid} is missing"
-                    continue
-                except OSError as exc:
-                    self.problems[uid] = f"part {path} of unit {uid} is unreadable: {exc.strerror}"
-                    continue
-                if actual != record["sha256"]:
-                    self.problems[uid] = f"part {path} of unit {uid} is corrupt (sha256 mismatch)"
-                    continue
-            done[uid] = record
+            reason = self._reject(uid, record, plan, verify)
+            if reason is None:
+                done[uid] = record
+            else:
+                self.problems[uid] = reason
         for uid, reason in sorted(self.problems.items()):
             log.warning("%s; it will be redone", reason)
         return done
+
+    def _reject(
+        self,
+        uid: int,
+        record: Dict[str, Any],
+        plan: Optional[Dict[int, Tuple[int, int]]],
+        verify: bool,
+    ) -> Optional[str]:
+        """Why the done ``record`` of ``uid`` cannot be trusted, or None if it can."""
+        try:
+            path = self.resolve_part(record["part"])
+        except UserError as exc:
+            return str(exc)
+        expected = self.part_relpath(uid)
+        if record["part"] != expected:
+            return (
+                f"the journal record of unit {uid} names the part {_show(record['part'])} in "
+                f"{self.journal_path}, but the part of unit {uid} is {expected}"
+            )
+        if plan is not None:
+            if uid not in plan:
+                return f"unit {uid} is not in the plan of {self.manifest_path}"
+            if tuple(record["frames"]) != plan[uid]:
+                return (
+                    f"unit {uid} was recorded for frames {record['frames']} but the plan has "
+                    f"{list(plan[uid])}"
+                )
+        if not verify:
+            return None
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return f"part {path} of unit {uid} is missing"
+        except OSError as exc:
+            return f"part {path} of unit {uid} is unreadable: {exc.strerror}"
+        if not stat.S_ISREG(st.st_mode):
+            return f"part {path} of unit {uid} is {_kind(st.st_mode)}, not a part file"
+        try:
+            actual = sha256_file(path)
+        except FileNotFoundError:
+            return f"part {path} of unit {uid} is missing"
+        except OSError as exc:
+            return f"part {path} of unit {uid} is unreadable: {exc.strerror}"
+        if actual != record["sha256"]:
+            return f"part {path} of unit {uid} is corrupt (sha256 mismatch)"
+        return None
 
     def status(self, verify: bool = False) -> Dict[str, Any]:
         """Progress from the plan and the journal.
@@ -509,9 +699,17 @@ class WorkDir:
 
     # -- lock ----------------------------------------------------------------------------------
 
-    def lock(self, **kwargs: Any) -> "WorkDirLock":
-        """A (not yet acquired) :class:`WorkDirLock` on this directory; use it as ``with``."""
+    def lock(self, **kwargs: Any) -> WorkDirLock:
+        """A (not yet acquired) :class:`~xvr_batch.lock.WorkDirLock` on this directory; use it as ``with``."""
         return WorkDirLock(self.lock_path, **kwargs)
+
+
+def make_workdir(path: pathlib.Path) -> None:
+    """Create the work directory (and its parents) if needed; a file in its place is a UserError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"work directory {path} exists but is not a directory; choose another --workdir") from None
 
 
 def _validate_manifest(manifest: Any, where: str, on_error: type) -> None:
@@ -521,14 +719,27 @@ def _validate_manifest(manifest: Any, where: str, on_error: type) -> None:
     version = manifest.get("version")
     if not _is_int(version) or version != MANIFEST_VERSION:
         raise on_error(
-            f"manifest {where} has version {version!r}, this xvr_batch reads version "
+            f"manifest {where} has version {_show(version, 40)}, this xvr_batch reads version "
             f"{MANIFEST_VERSION}; {fix}"
         )
     missing = [k for k in REQUIRED_MANIFEST_KEYS if k not in manifest]
     if missing:
         raise on_error(f"manifest {where} is corrupt (missing {', '.join(missing)}); {fix}")
-    if not isinstance(manifest["plan"], dict):
-        raise on_error(f"manifest {where} is corrupt (plan is not an object); {fix}")
+    for key in _OBJECT_MANIFEST_KEYS:
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise on_error(f"manifest {where} is corrupt ({key} is not an object); {fix}")
+    for key in ("fingerprint", "config_hash"):
+        if not isinstance(manifest["job"].get(key), str):
+            raise on_error(f"manifest {where} is corrupt (job.{key} is not a string); {fix}")
+
+
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _parse_record(line: bytes) -> Optional[Dict[str, Any]]:
@@ -541,10 +752,9 @@ def _parse_record(line: bytes) -> Optional[Dict[str, Any]]:
         return None
     crc = record.get("crc")
     unit = record.get("unit")
-    t = record.get("t")
     if not isinstance(crc, str) or not _is_int(unit) or unit < 0:
         return None
-    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)):
+    if not _finite_number(record.get("t")):
         return None
     status = record.get("status", "done")
     if status == "done":
@@ -563,281 +773,6 @@ def _parse_record(line: bytes) -> Optional[Dict[str, Any]]:
     try:
         if journal_crc(record) != crc:
             return None
-    except ValueError:  # NaN/inf somewhere in extra fields: cannot be canonical
+    except (ValueError, RecursionError):  # NaN/inf somewhere in extra fields: cannot be canonical
         return None
     return record
-
-
-# ----------------------------------------------------------------------------------------------
-# Lock
-# ----------------------------------------------------------------------------------------------
-
-#: flock errors meaning "this filesystem does not do flock", which trigger the pid-file fallback.
-_NO_FLOCK_ERRNOS = frozenset(
-    {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
-)
-
-
-def _pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs on this host (zombies count as dead; other users' as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-        return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
-    except (OSError, ValueError):
-        return True
-
-
-class WorkDirLock:
-    """Exclusive lock on a work directory, held from :meth:`acquire` to :meth:`release`.
-
-    ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``lock``, through a descriptor kept open while held; the
-    file holds ``{"pid", "host", "started"}`` of the holder for messages. The kernel releases the
-    lock when the holder dies, even on SIGKILL, so a lock file left by a dead run is taken over
-    silently (logged at debug level). The descriptor is close-on-exec but is shared with children
-    created by a bare ``fork()``: while such a child lives, the lock stays held, and a new run is
-    refused with a message naming the dead parent.
-
-    ``use_flock=None`` detects filesystems without flock (ENOSYS, ENOLCK, ...) and falls back to
-    an exclusive-create pid file, where a holder on this host that is no longer alive is taken
-    over and a holder on another host must be removed by hand. ``grace_s`` is how long a
-    contended lock whose record is empty or names a dead process is retried (its new holder may
-    still be writing its record) before giving up.
-    """
-
-    def __init__(self, path: PathLike, *, use_flock: Optional[bool] = None, grace_s: float = 2.0):
-        self.path: pathlib.Path = pathlib.Path(os.path.abspath(os.fspath(path)))
-        self.workdir: pathlib.Path = self.path.parent
-        self.use_flock = use_flock
-        self.grace_s = float(grace_s)
-        self._fd: Optional[int] = None
-        self._mode: Optional[str] = None  # "flock" or "pidfile" while held
-        self._record: Optional[bytes] = None
-
-    @property
-    def held(self) -> bool:
-        """True between a successful :meth:`acquire` and :meth:`release`."""
-        return self._fd is not None
-
-    def __enter__(self) -> "WorkDirLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-    def _make_record(self) -> bytes:
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        return (json.dumps(info, sort_keys=True) + "\n").encode("utf-8")
-
-    def read_holder(self) -> Optional[Dict[str, Any]]:
-        """The holder record in the lock file, or None if absent, empty or unparseable."""
-        try:
-            raw = self.path.read_bytes()
-        except OSError:
-            return None
-        return _parse_holder(raw)
-
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`UserError` naming who holds it."""
-        if self._fd is not None:
-            raise RuntimeError(f"lock {self.path} is already held by this object")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.use_flock is not False:
-            try:
-                self._acquire_flock()
-                return
-            except _FlockUnsupported as exc:
-                if self.use_flock:
-                    raise OSError(exc.errno, f"flock is not supported on {self.path}") from None
-                log.warning(
-                    "flock is not supported on %s (%s); falling back to a pid file lock",
-                    self.workdir, os.strerror(exc.errno),
-                )
-        self._acquire_pidfile()
-
-    def release(self) -> None:
-        """Release the lock (idempotent). The lock file itself stays in flock mode."""
-        fd, mode, record = self._fd, self._mode, self._record
-        if fd is None:
-            return
-        self._fd = self._mode = self._record = None
-        try:
-            if mode == "flock":
-                try:
-                    os.ftruncate(fd, 0)  # no stale holder info for the next reader
-                except OSError:
-                    pass
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            else:
-                try:
-                    if self.path.read_bytes() == record:
-                        os.unlink(self.path)
-                except OSError:
-                    pass
-        finally:
-            os.close(fd)
-
-    # -- flock mode ----------------------------------------------------------------------------
-
-    def _acquire_flock(self) -> None:
-        flags = os.O_RDWR | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-        created = False
-        try:
-            try:
-                fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
-                created = True
-            except FileExistsError:
-                fd = os.open(self.path, flags)
-        except OSError as exc:
-            raise UserError(
-                f"cannot open lock file {self.path}: {exc.strerror}; check that the work directory "
-                "is writable (and that lock is not a symlink)"
-            ) from None
-        deadline = time.monotonic() + self.grace_s
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno in _NO_FLOCK_ERRNOS:
-                        if created:  # leave no empty file for the pid-file fallback to wait on
-                            os.unlink(self.path)
-                        raise _FlockUnsupported(exc.errno) from None
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                        raise
-                holder = self.read_holder()
-                if holder is not None and not _holder_dead_here(holder):
-                    raise UserError(_in_use_message(self.workdir, holder))
-                if time.monotonic() >= deadline:
-                    if holder is None:
-                        raise UserError(
-                            f"{self.workdir} is in use by another process ({self.path} is "
-                            "locked but names no holder); wait for it or stop it "
-                            f"(fuser -v {self.path} lists it)"
-                        )
-                    raise UserError(
-                        f"{self.workdir} is locked by a leftover child of pid {holder['pid']} on "
-                        f"host {holder['host']} (started {holder['started']}), which is no longer "
-                        f"running; stop the leftover processes (fuser -v {self.path} lists them) "
-                        "and rerun"
-                    )
-                time.sleep(0.05)
-            previous = _parse_holder(os.pread(fd, 4096, 0))
-            if previous is not None:
-                log.debug(
-                    "taking over lock %s left by pid %s on host %s (started %s)",
-                    self.path, previous["pid"], previous["host"], previous["started"],
-                )
-            record = self._make_record()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, record, 0)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd, self._mode, self._record = fd, "flock", record
-
-    # -- pid file mode ---------------------------------------------------------------------------
-
-    def _acquire_pidfile(self) -> None:
-        deadline = time.monotonic() + self.grace_s
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-        while True:
-            try:
-                fd = os.open(self.path, flags, 0o644)
-            except FileExistsError:
-                pass
-            else:
-                record = self._make_record()
-                try:
-                    os.write(fd, record)
-                    os.fsync(fd)
-                    fsync_dir(self.workdir)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                self._fd, self._mode, self._record = fd, "pidfile", record
-                return
-            try:
-                raw = self.path.read_bytes()
-            except FileNotFoundError:
-                continue  # released meanwhile: try again
-            holder = _parse_holder(raw)
-            if holder is not None and not _holder_dead_here(holder):
-                hint = ""
-                if holder["host"] != socket.gethostname():
-                    hint = f" (if that process is gone, delete {self.path})"
-                raise UserError(_in_use_message(self.workdir, holder, hint))
-            if holder is None and time.monotonic() < deadline:
-                time.sleep(0.05)  # its creator may still be writing it
-                continue
-            log.debug(
-                "taking over stale lock %s (%s)", self.path, raw[:200].decode("utf-8", "replace")
-            )
-            self._remove_stale(raw)
-
-    def _remove_stale(self, judged: bytes) -> None:
-        """Remove the lock file if it still holds ``judged``; put back anything else."""
-        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return
-        try:
-            if aside.read_bytes() != judged:
-                # Someone took the stale lock over before us: restore theirs, unless yet another
-                # process has created a lock meanwhile.
-                try:
-                    os.link(aside, self.path)
-                except FileExistsError:
-                    pass
-        finally:
-            try:
-                os.unlink(aside)
-            except FileNotFoundError:
-                pass
-
-
-class _FlockUnsupported(Exception):
-    def __init__(self, err: int):
-        super().__init__(err)
-        self.errno = err
-
-
-def _parse_holder(raw: bytes) -> Optional[Dict[str, Any]]:
-    try:
-        info = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    if not isinstance(info, dict) or not _is_int(info.get("pid")):
-        return None
-    return {
-        "pid": info["pid"],
-        "host": str(info.get("host", "?")),
-        "started": str(info.get("started", "?")),
-    }
-
-
-def _holder_dead_here(holder: Dict[str, Any]) -> bool:
-    return holder["host"] == socket.gethostname() and not _pid_alive(holder["pid"])
-
-
-def _in_use_message(workdir: pathlib.Path, holder: Dict[str, Any], hint: str = "") -> str:
-    return (
-        f"{workdir} is in use by pid {holder['pid']} on host {holder['host']} since "
-        f"{holder['started']}; wait for it or stop it{hint}"
-    )

@@ -10,12 +10,17 @@ Layout of a part::
 
 Crash-safety guarantees:
 
-* A part under its final name is complete. :func:`write_part` writes ``PATH.tmp-PID`` in the
-  same directory, closes it, fsyncs it, renames it over ``PATH`` with :func:`os.replace` and
-  fsyncs the directory. A crash leaves at worst a ``.tmp-PID`` file, never a half-written part.
-* The sha256 returned by :func:`write_part` is computed from the bytes on disk after the file was
-  closed, so it is what :func:`verify_part` will see later. The caller records it in the journal
-  (:meth:`xvr_batch.workdir.WorkDir.record_done`) only after this function returns.
+* A part under its final name is complete. :class:`StreamingPart` and :func:`write_part` write
+  ``.NAME.tmp-PID-HOST-RANDOM`` in the same directory (:class:`xvr_batch.durable.AtomicH5File`),
+  flush and close it, fsync it, rename it over ``PATH`` and fsync the directory. A crash leaves at
+  worst a temporary file, never a half-written part.
+* A full disk at any moment (first frame, flush, close, fsync, rename) closes the HDF5 file
+  safely, removes the temporary file and raises :class:`xvr_batch.durable.DiskFullError` (an
+  ``OSError`` with errno ENOSPC); other write failures also remove the temporary file.
+* The sha256 returned by :meth:`StreamingPart.commit` / :func:`write_part` is computed from the
+  bytes on disk after the file was closed, so it is what :func:`verify_part` will see later. The
+  caller records it in the journal (:meth:`xvr_batch.workdir.WorkDir.record_done`) only after
+  this returns.
 * Writing the same frames and attrs again gives the same bytes (HDF5 timestamps are off), so a
   redone unit has the same checksum.
 * :func:`read_part` raises :class:`~xvr_batch.errors.UserError` on any damaged part, so that a
@@ -24,7 +29,6 @@ Crash-safety guarantees:
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Any, Dict, Optional, Tuple, Union
@@ -32,8 +36,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import h5py
 import numpy as np
 
+from xvr_batch.durable import AtomicH5File, canonical_json, sha256_file
 from xvr_batch.errors import UserError
-from xvr_batch.workdir import fsync_dir, sha256_file
 
 __all__ = ["StreamingPart", "write_part", "read_part", "verify_part", "read_part_attrs"]
 
@@ -45,13 +49,11 @@ _RESERVED_ATTRS = frozenset({"start", "stop"})
 def _h5open(path: PathLike, mode: str) -> h5py.File:
     """Open without HDF5 file locking: parts are private to one writer, and some parallel
     filesystems refuse HDF5's locks."""
-    try:
-        return h5py.File(path, mode, locking=False)
-    except (TypeError, ValueError):  # pragma: no cover - old h5py/HDF5 without the option
-        return h5py.File(path, mode)
+    return h5py.File(path, mode, locking=False)
 
 
 def _attr_value(value: Any) -> Any:
+    """An attribute value: scalars as they are, anything else as canonical JSON text."""
     if isinstance(value, (bool, np.bool_)):
         return np.bool_(value)
     if isinstance(value, (int, float, str, bytes, np.integer, np.floating)):
@@ -60,14 +62,16 @@ def _attr_value(value: Any) -> Any:
         return value[()]
     if isinstance(value, np.ndarray):
         value = value.tolist()
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return canonical_json(value)
 
 
 class StreamingPart:
     """A part written frame by frame, so that a unit never holds all its frames in memory.
 
-    Frames go into ``PATH.tmp-PID``; :meth:`commit` closes, fsyncs, hashes and renames it to ``PATH``
-    (the same guarantees as :func:`write_part`); :meth:`abort` removes the temporary file."""
+    Frames go into a temporary file beside ``PATH``; :meth:`commit` closes, fsyncs, hashes and
+    renames it to ``PATH`` (replacing an older part); :meth:`abort` removes the temporary file.
+    Every method that fails has already aborted; a full disk raises
+    :class:`~xvr_batch.durable.DiskFullError`."""
 
     def __init__(self, path: PathLike, start: int, n: int, frame_shape: Tuple[int, int], dtype: Any,
                  attrs: Optional[Dict[str, Any]] = None):
@@ -79,55 +83,62 @@ class StreamingPart:
         clash = _RESERVED_ATTRS.intersection(attrs)
         if clash:
             raise ValueError(f"attrs may not set {sorted(clash)}")
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        self._fh: Optional[h5py.File] = _h5open(self.tmp, "w")
+        values = {key: _attr_value(attrs[key]) for key in sorted(attrs)}  # bad values fail here
+        self._out: Optional[AtomicH5File] = AtomicH5File(self.path, overwrite=True, locking=False)
+        self.tmp = self._out.tmp
+        fh = self._out.file
         try:
-            self._ds = self._fh.create_dataset("data", shape=(int(n), *frame_shape), dtype=np.dtype(dtype),
-                                               track_times=False)
-            self._fh.attrs["start"] = np.int64(start)
-            self._fh.attrs["stop"] = np.int64(start + int(n))
-            for key in sorted(attrs):
-                self._fh.attrs[key] = _attr_value(attrs[key])
-        except BaseException:
-            self.abort()
-            raise
+            self._ds = fh.create_dataset("data", shape=(int(n), *frame_shape), dtype=np.dtype(dtype),
+                                         track_times=False)
+            fh.attrs["start"] = np.int64(start)
+            fh.attrs["stop"] = np.int64(start + int(n))
+            for key, value in values.items():
+                fh.attrs[key] = value
+        except BaseException as exc:
+            raise self._fail(exc) from exc
+
+    def _fail(self, exc: BaseException) -> BaseException:
+        out, self._out = self._out, None
+        return exc if out is None else out.fail(exc)
+
+    def _live(self) -> AtomicH5File:
+        if self._out is None:
+            raise ValueError(f"part {self.path} is already committed or aborted")
+        return self._out
 
     def write(self, i: int, frame: np.ndarray) -> None:
-        self._ds[i] = frame
+        """Write frame ``i`` of the unit (0-based within the part)."""
+        self._live()
+        try:
+            self._ds[i] = frame
+        except BaseException as exc:
+            raise self._fail(exc) from exc
 
     def write_all(self, frames: np.ndarray) -> None:
-        self._ds[...] = frames
+        """Write all frames at once."""
+        self._live()
+        try:
+            self._ds[...] = frames
+        except BaseException as exc:
+            raise self._fail(exc) from exc
 
     def commit(self) -> str:
         """Make the part durable under its final name; return the sha256 of its bytes."""
+        out = self._live()
+        self._out = None
+        out.close()  # on failure it has aborted and raises
         try:
-            assert self._fh is not None, "part already closed"
-            self._fh.close()
-            self._fh = None
-            fd = os.open(self.tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            sha = sha256_file(self.tmp)
-            os.replace(self.tmp, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        fsync_dir(self.path.parent)
+            sha = sha256_file(out.tmp)
+        except BaseException as exc:
+            raise out.fail(exc) from exc
+        out.publish()
         return sha
 
     def abort(self) -> None:
-        if self._fh is not None:
-            try:
-                self._fh.close()
-            except Exception:
-                pass
-            self._fh = None
-        try:
-            os.unlink(self.tmp)
-        except OSError:
-            pass
+        """Remove the temporary file (idempotent; also fine after a failure or a commit)."""
+        out, self._out = self._out, None
+        if out is not None:
+            out.abort()
 
 
 def write_part(
@@ -136,17 +147,14 @@ def write_part(
     """Write ``frames`` (n, H, W) of the unit starting at ``start`` to ``path``; return its sha256.
 
     The file appears under ``path`` only once it is complete and durable (see the module
-    docstring). Raises ``ValueError`` for bad arguments and ``OSError`` if the disk fails.
+    docstring). Raises ``ValueError`` for bad arguments, ``TypeError`` for attrs that JSON cannot
+    hold, :class:`~xvr_batch.durable.DiskFullError` on a full disk and ``OSError`` if the disk fails.
     """
     frames = np.ascontiguousarray(np.asarray(frames))
     if frames.ndim != 3:
         raise ValueError(f"frames must be (n, H, W), got shape {frames.shape}")
     part = StreamingPart(path, start, frames.shape[0], frames.shape[1:], frames.dtype, attrs)
-    try:
-        part.write_all(frames)
-    except BaseException:
-        part.abort()
-        raise
+    part.write_all(frames)
     return part.commit()
 
 
