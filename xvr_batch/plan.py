@@ -30,14 +30,27 @@ Units
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence, overload
 
 import numpy as np
+import psutil
 
-__all__ = ["Window", "Segment", "Unit", "segments", "plan_windows", "plan_units", "reflect", "Plan", "make_plan"]
+from xvr_batch.errors import UserError
+
+__all__ = ["Window", "WindowTable", "Segment", "Unit", "segments", "plan_windows", "plan_units", "reflect",
+           "Plan", "make_plan", "plan_memory_bytes", "MAX_UNITS"]
 
 EDGE_POLICY = ("frames before the first key frame use (k_0, k_0); frames after the last key frame use "
                "(k_{K-1}, k_{K-1}): the nearest key frame on both sides")
+
+#: Most work units one plan may have: each is a part file, a journal entry and a manifest row.
+MAX_UNITS = 100_000
+
+# Peak bytes per window while planning (5 int64 columns kept, about as many temporaries), per key frame
+# (the segment columns and the plan's list of key times) and per unit (its Unit object and tuples).
+_BYTES_PER_WINDOW = 112
+_BYTES_PER_KEY = 112
+_BYTES_PER_UNIT = 1024
 
 
 @dataclass(frozen=True)
@@ -80,50 +93,117 @@ def reflect(i: int, n: int) -> int:
     return i if i < n else period - i
 
 
-def segments(n_frames: int, hr_index: Sequence[int]) -> list[Segment]:
-    keys = [int(k) for k in hr_index]
+def _reflect_array(i: np.ndarray, n: int) -> np.ndarray:
+    """:func:`reflect` applied to every element of an int64 array."""
+    if n == 1:
+        return np.zeros_like(i)
+    period = 2 * (n - 1)
+    i = np.abs(i) % period
+    return np.where(i < n, i, period - i)
+
+
+def _segment_columns(n_frames: int, hr_index: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """The segments as int64 columns (start, stop, key_prev, key_next), in time order."""
+    keys = np.asarray(hr_index, dtype=np.int64).reshape(-1)
     kk = len(keys)
     if kk < 2:
         raise ValueError("need at least 2 key frames")
-    segs: list[Segment] = []
+    start, stop = keys[:-1].copy(), keys[1:].copy()
+    stop[-1] += 1  # the last key time belongs to the last bracket
+    prev = np.arange(kk - 1, dtype=np.int64)
+    nxt = prev + 1
+    cols = [start, stop, prev, nxt]
     if keys[0] > 0:
-        segs.append(Segment(0, keys[0], 0, 0))
-    for i in range(kk - 1):
-        stop = keys[i + 1] + 1 if i == kk - 2 else keys[i + 1]
-        segs.append(Segment(keys[i], stop, i, i + 1))
+        cols = [np.r_[v, c] for v, c in zip((0, keys[0], 0, 0), cols)]
     if keys[-1] + 1 < n_frames:
-        segs.append(Segment(keys[-1] + 1, n_frames, kk - 1, kk - 1))
-    return segs
+        cols = [np.r_[c, v] for c, v in zip(cols, (keys[-1] + 1, n_frames, kk - 1, kk - 1))]
+    return tuple(cols)
 
 
-def plan_windows(n_frames: int, hr_index: Sequence[int], num_lr: int, head: str) -> list[Window]:
+def segments(n_frames: int, hr_index: Sequence[int]) -> list[Segment]:
+    start, stop, prev, nxt = _segment_columns(n_frames, hr_index)
+    return [Segment(int(a), int(b), int(p), int(q)) for a, b, p, q in zip(start, stop, prev, nxt)]
+
+
+class WindowTable(Sequence[Window]):
+    """Every window of an archive in time order, stored as int64 columns (about 40 bytes a window).
+
+    Window ``i`` reads LR frames ``reflect(base[i] + j)`` for ``j < NL``, uses key frames
+    ``(key_prev[i], key_next[i])`` and emits output frames ``emit_lo[i] <= t < emit_hi[i]`` from slot
+    ``t - base[i]``. Indexing builds :class:`Window` objects on demand (a slice gives a list), so a plan of
+    millions of frames stays small. Emit ranges are disjoint, in increasing order, and cover [0, N).
+    """
+
+    def __init__(self, n_frames: int, num_lr: int, base: np.ndarray, key_prev: np.ndarray,
+                 key_next: np.ndarray, emit_lo: np.ndarray, emit_hi: np.ndarray) -> None:
+        self.n_frames, self.num_lr = int(n_frames), int(num_lr)
+        self.base, self.key_prev, self.key_next = base, key_prev, key_next
+        self.emit_lo, self.emit_hi = emit_lo, emit_hi
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @overload
+    def __getitem__(self, i: int) -> Window: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Window]: ...
+
+    def __getitem__(self, i: int | slice) -> Window | list[Window]:
+        if isinstance(i, slice):
+            return [self._window(j) for j in range(*i.indices(len(self)))]
+        j = int(i)
+        if j < 0:
+            j += len(self)
+        if not 0 <= j < len(self):
+            raise IndexError(f"window {i} outside [0, {len(self)})")
+        return self._window(j)
+
+    def __iter__(self) -> Iterator[Window]:
+        return (self._window(j) for j in range(len(self)))
+
+    def _window(self, j: int) -> Window:
+        b, n = int(self.base[j]), self.n_frames
+        frames = tuple(reflect(b + k, n) for k in range(self.num_lr))
+        emit = tuple((t, t - b) for t in range(int(self.emit_lo[j]), int(self.emit_hi[j])))
+        return Window(j, frames, (int(self.key_prev[j]), int(self.key_next[j])), emit)
+
+    def frame_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per window, the smallest and the largest LR frame it reads."""
+        lo = hi = _reflect_array(self.base, self.n_frames)
+        for k in range(1, self.num_lr):
+            f = _reflect_array(self.base + k, self.n_frames)
+            lo, hi = np.minimum(lo, f), np.maximum(hi, f)
+        return lo, hi
+
+    def emitters(self, t: np.ndarray) -> np.ndarray:
+        """The number of the window that emits each output frame in ``t``."""
+        return np.searchsorted(self.emit_hi, t, side="right")
+
+
+def plan_windows(n_frames: int, hr_index: Sequence[int], num_lr: int, head: str) -> WindowTable:
     """Every window of the archive, in time order. Each frame is emitted exactly once."""
-    wins: list[Window] = []
-    segs = segments(n_frames, hr_index)
+    start, stop, prev, nxt = _segment_columns(n_frames, hr_index)
+    length = stop - start
     if head == "centre":
-        before = num_lr // 2
-        for seg in segs:
-            for t in range(seg.start, seg.stop):
-                frames = tuple(reflect(t - before + j, n_frames) for j in range(num_lr))
-                wins.append(Window(len(wins), frames, (seg.key_prev, seg.key_next), ((t, before),)))
-        return wins
+        per = np.maximum(length, 0)
+        seg = np.repeat(np.arange(len(start)), per)
+        t = start[seg] + np.arange(len(seg), dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
+        return WindowTable(n_frames, num_lr, t - num_lr // 2, prev[seg], nxt[seg], t, t + 1)
     if head != "all":
         raise ValueError(f"unknown head {head!r}")
-    for seg in segs:
-        length = seg.stop - seg.start
-        if length >= num_lr:
-            starts = list(range(seg.start, seg.stop - num_lr + 1, num_lr))
-            if starts[-1] + num_lr < seg.stop:
-                starts.append(seg.stop - num_lr)
-        else:
-            starts = [max(0, min(seg.start, n_frames - num_lr))]
-        done = seg.start  # frames in [seg.start, done) are emitted already
-        for p in starts:
-            frames = tuple(reflect(p + j, n_frames) for j in range(num_lr))
-            emit = tuple((t, t - p) for t in range(max(p, done), min(p + num_lr, seg.stop)))
-            done = max(done, p + num_lr)
-            wins.append(Window(len(wins), frames, (seg.key_prev, seg.key_next), emit))
-    return wins
+    # Per segment: ceil(L / NL) windows (at least one). Window j starts at start + j*NL while it fits;
+    # the last one is shifted back to end at the segment end; a segment shorter than NL gets one window
+    # that starts at the segment start (or earlier, at the archive end) and reaches into its neighbours.
+    per = np.maximum(1, -(-length // num_lr))
+    seg = np.repeat(np.arange(len(start)), per)
+    j = np.arange(len(seg), dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
+    s0, s1, ln = start[seg], stop[seg], length[seg]
+    nominal = s0 + j * num_lr
+    short = np.maximum(0, np.minimum(s0, n_frames - num_lr))
+    base = np.where(nominal + num_lr <= s1, nominal, np.where(ln >= num_lr, s1 - num_lr, short))
+    lo, hi = np.maximum(base, nominal), np.minimum(base + num_lr, s1)
+    return WindowTable(n_frames, num_lr, base, prev[seg], nxt[seg], lo, hi)
 
 
 def plan_units(windows: Sequence[Window], n_frames: int, unit_frames: int, batch: int) -> list[Unit]:
@@ -132,20 +212,31 @@ def plan_units(windows: Sequence[Window], n_frames: int, unit_frames: int, batch
         raise ValueError("unit_frames must be >= 1")
     if batch < 1:
         raise ValueError("batch must be >= 1")
-    # for each frame, the window that emits it
-    emitter = np.empty(n_frames, dtype=np.int64)
-    for w in windows:
-        for t, _ in w.emit:
-            emitter[t] = w.index
+    starts = np.arange(0, n_frames, unit_frames, dtype=np.int64)
+    stops = np.minimum(starts + unit_frames, n_frames)
+    if isinstance(windows, WindowTable):
+        fmin, fmax = windows.frame_bounds()
+        kp, kn = windows.key_prev, windows.key_next
+        first, last = windows.emitters(starts), windows.emitters(stops - 1)  # emitters grow with t
+    else:  # any sequence of Window objects
+        fmin = np.array([min(w.frames) for w in windows], dtype=np.int64)
+        fmax = np.array([max(w.frames) for w in windows], dtype=np.int64)
+        kp = np.array([w.keys[0] for w in windows], dtype=np.int64)
+        kn = np.array([w.keys[1] for w in windows], dtype=np.int64)
+        emitter = np.empty(n_frames, dtype=np.int64)
+        for w in windows:
+            for t, _ in w.emit:
+                emitter[t] = w.index
+        first = np.array([emitter[a:b].min() for a, b in zip(starts, stops)], dtype=np.int64)
+        last = np.array([emitter[a:b].max() for a, b in zip(starts, stops)], dtype=np.int64)
+    b0s, b1s = first // batch, last // batch + 1
     units = []
-    for uid, start in enumerate(range(0, n_frames, unit_frames)):
-        stop = min(start + unit_frames, n_frames)
-        idx = emitter[start:stop]
-        b0, b1 = int(idx.min()) // batch, int(idx.max()) // batch + 1
-        used = windows[b0 * batch: min(b1 * batch, len(windows))]
-        frames = [f for w in used for f in w.frames]
-        keys = sorted({k for w in used for k in w.keys})
-        units.append(Unit(uid, start, stop, (b0, b1), (min(frames), max(frames) + 1), tuple(keys)))
+    for uid in range(len(starts)):
+        b0, b1 = int(b0s[uid]), int(b1s[uid])
+        w0, w1 = b0 * batch, min(b1 * batch, len(fmin))
+        keys = np.unique(np.concatenate((kp[w0:w1], kn[w0:w1])))
+        units.append(Unit(uid, int(starts[uid]), int(stops[uid]), (b0, b1),
+                          (int(fmin[w0:w1].min()), int(fmax[w0:w1].max()) + 1), tuple(int(k) for k in keys)))
     return units
 
 
@@ -163,7 +254,7 @@ class Plan:
     head: str
     unit_frames: int
     batch: int
-    windows: list[Window]
+    windows: Sequence[Window]  # a WindowTable from make_plan
     units: list[Unit]
 
     def to_dict(self) -> dict:
@@ -181,7 +272,37 @@ class Plan:
         return sum(u.stop - u.start for u in units)
 
 
+def plan_memory_bytes(n_frames: int, n_keys: int, num_lr: int, head: str, unit_frames: int) -> int:
+    """An upper bound on the peak memory :func:`make_plan` needs, in bytes (without building anything)."""
+    n_windows = n_frames if head == "centre" else -(-n_frames // max(1, num_lr)) + n_keys + 1
+    n_units = -(-n_frames // max(1, unit_frames))
+    return _BYTES_PER_WINDOW * n_windows + _BYTES_PER_KEY * n_keys + _BYTES_PER_UNIT * n_units
+
+
+def _check_plan_size(n_frames: int, n_keys: int, num_lr: int, head: str, unit_frames: int) -> None:
+    """Refuse, with the numbers, a plan with too many units or one that would not fit in memory."""
+    n_units = -(-n_frames // unit_frames)
+    if n_units > MAX_UNITS:
+        raise UserError(
+            f"{n_frames} frames in units of {unit_frames} frames make {n_units} work units, more than the "
+            f"{MAX_UNITS} a plan can hold (each unit is a part file and a journal entry); pass "
+            f"--unit-frames {-(-n_frames // MAX_UNITS)} or more")
+    need = plan_memory_bytes(n_frames, n_keys, num_lr, head, unit_frames)
+    avail = int(psutil.virtual_memory().available)
+    if need > avail // 2:
+        raise UserError(
+            f"planning {n_frames} frames with {n_keys} key frames needs about {need / 2**30:.1f} GiB of memory, "
+            f"more than half of the {avail / 2**30:.1f} GiB available; split the archive into shorter ones "
+            "(e.g. several files or virtual datasets of consecutive frames) and reconstruct each")
+
+
 def make_plan(n_frames: int, hr_index: Sequence[int], num_lr: int, head: str, unit_frames: int, batch: int) -> Plan:
-    wins = plan_windows(n_frames, hr_index, num_lr, head)
+    """The windows and units of an archive; raises :class:`UserError` (before allocating) for a plan with more
+    than :data:`MAX_UNITS` units or one that would need more than half of the memory available."""
+    if unit_frames < 1:
+        raise ValueError("unit_frames must be >= 1")
+    keys = np.asarray(hr_index, dtype=np.int64).reshape(-1)
+    _check_plan_size(int(n_frames), len(keys), int(num_lr), head, int(unit_frames))
+    wins = plan_windows(n_frames, keys, num_lr, head)
     units = plan_units(wins, n_frames, unit_frames, batch)
-    return Plan(n_frames, [int(k) for k in hr_index], num_lr, head, unit_frames, batch, wins, units)
+    return Plan(n_frames, keys.tolist(), num_lr, head, unit_frames, batch, wins, units)

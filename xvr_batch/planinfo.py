@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import psutil
+
 from xvr_batch.io.archive import Archive, ArchivePaths
 from xvr_batch.plan import make_plan
 from xvr_batch.weights import resolve_weights
@@ -29,12 +31,18 @@ def estimate_memory(cfg, batch: int, h: int, w: int) -> int:
 def describe_plan(archive: str, weights: str | None = None, unit_frames: int = 128, batch: int = 4,
                   tile: int | None = None, tile_overlap: int | None = None, lr: str | None = None,
                   hr: str | None = None, hr_index: str | None = None, hr_stride: int | None = None,
-                  hr_offset: int = 0) -> dict[str, Any]:
+                  hr_offset: int = 0, wait_for_writer: float | None = None) -> dict[str, Any]:
+    """The plan of ``archive`` as a JSON-serialisable dict (see :func:`format_plan`); writes nothing.
+
+    Opens the archive as :class:`Archive` does (so every refusal of a hostile or incomplete archive applies;
+    ``wait_for_writer`` as there) and refuses, like :func:`make_plan`, plans too large to hold. ``warnings``
+    lists problems that do not stop planning, e.g. an estimated peak memory above the memory available.
+    """
     base = ArchivePaths()
     paths = ArchivePaths(lr=lr or base.lr, hr=hr or base.hr, hr_index=hr_index or base.hr_index)
     rw = resolve_weights(weights)
     cfg = rw.config
-    with Archive(archive, paths, hr_stride, hr_offset) as arc:
+    with Archive(archive, paths, hr_stride, hr_offset, wait_for_writer=wait_for_writer) as arc:
         n, (h, w), (hh, ww) = arc.n_frames, arc.lr_shape, arc.hr_shape
         plan = make_plan(n, arc.hr_index, cfg.num_lr, cfg.head, unit_frames, batch)
         hr_idx = [int(k) for k in arc.hr_index]
@@ -47,6 +55,12 @@ def describe_plan(archive: str, weights: str | None = None, unit_frames: int = 1
         from xvr_batch.model.tiling import plan_tiles
         n_tiles = len(plan_tiles(h, w, tile, tile_overlap or 2 * cfg.window))
     windows_run = sum((u.batches[1] - u.batches[0]) * batch for u in plan.units)
+    peak = estimate_memory(cfg, batch, th, tw)
+    avail = int(psutil.virtual_memory().available)
+    warnings = []
+    if peak > avail:
+        warnings.append(f"estimated peak memory {peak / 2**30:.1f} GiB per process is more than the "
+                        f"{avail / 2**30:.1f} GiB available here; lower --batch or pass --tile")
     units = []
     for u in plan.units:
         units.append({"id": u.id, "frames": [u.start, u.stop], "batches": list(u.batches),
@@ -59,7 +73,7 @@ def describe_plan(archive: str, weights: str | None = None, unit_frames: int = 1
         "tile": tile, "n_tiles": n_tiles, "windows_computed": windows_run,
         "overhead_pct": 100.0 * (windows_run - len(plan.windows)) / max(1, len(plan.windows)),
         "flops_per_call": call_flops * n_tiles, "total_tflop": call_flops * n_tiles * windows_run / 1e12,
-        "peak_memory_bytes": estimate_memory(cfg, batch, th, tw),
+        "peak_memory_bytes": peak, "warnings": warnings,
         "output_bytes_float32": n * hh * ww * 4,
         "policy": plan.to_dict()["edge_policy"], "window_policy": plan.to_dict()["window_policy"],
     }
@@ -79,9 +93,9 @@ def format_plan(info: dict[str, Any], max_rows: int = 20) -> str:
         + (f", {info['n_tiles']} tiles" if info.get("tile") else "") + ")",
         f"memory: ~{info['peak_memory_bytes'] / 2**30:.2f} GiB peak per process (fp32 estimate); "
         f"output {info['output_bytes_float32'] / 2**30:.2f} GiB as float32 before compression",
-        "",
-        f"{'unit':>5} {'frames':>15} {'halo':>5} {'LR read':>15} {'batches':>12}  key frames",
     ]
+    lines += [f"warning: {w}" for w in info.get("warnings", [])]
+    lines += ["", f"{'unit':>5} {'frames':>15} {'halo':>5} {'LR read':>15} {'batches':>12}  key frames"]
     units = info["units"]
     shown = units if len(units) <= max_rows else units[: max_rows // 2] + [None] + units[-max_rows // 2:]
     for u in shown:

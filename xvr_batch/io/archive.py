@@ -1,4 +1,4 @@
-"""Read-only, validated access to an input archive (DESIGN.md section 3).
+"""Read-only, validated access to an input archive.
 
 An archive is an HDF5 file with
 
@@ -36,24 +36,50 @@ Decisions worth knowing
   reason as a :class:`UserError`.
 * Index errors in ``read_*`` calls (out-of-range frame numbers) are programming errors of the
   caller and raise :class:`IndexError`, not :class:`UserError`.
+* A file another process has open for writing is refused ("is being written by another
+  process"), or waited for with ``wait_for_writer`` seconds. A writer is recognised by HDF5's
+  write lock (errno EAGAIN/EWOULDBLOCK, or a shared ``flock`` probe that fails) or, for a SWMR
+  writer, which drops its lock, by the superblock's file-consistency flags. The retry without
+  locks (``locking=False``) is taken only when the file system does not support locks (ENOSYS,
+  ENOLCK, EOPNOTSUPP, ...); on such a file system a writer that leaves no flags (superblock
+  version 0-2) cannot be seen.
+* Every dataset read (LR, HR, ``hr_index``, darks/flats; the ground truth lazily, as above) is
+  checked for data that would silently read as fill values: virtual datasets with a missing
+  source file or dataset, a source too small for its mapping, or unmapped elements; external
+  links to a missing file or object and dangling soft links; external raw files that are
+  missing or short; chunked datasets with chunks never written (``get_num_chunks``, which costs
+  about 0.1 s per million stored chunks); contiguous datasets never written. A dataset whose
+  storage is allocated but was never written (early allocation, no fill) is not detected.
+* A frame whose float32 copy is larger than the memory available (``psutil``) is refused, as is
+  an ``hr_index`` too large to read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
+import math
 import numbers
 import os
+import re
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import h5py
 import hdf5plugin  # noqa: F401  (importing registers the compression filters used by writers)
 import numpy as np
+import psutil
 
 from xvr_batch.errors import UserError
+
+try:  # POSIX only; without it, lock probing is skipped
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["ArchivePaths", "Archive", "inspect_file", "CALIBRATIONS", "FINGERPRINT_VERSION"]
 
@@ -216,8 +242,80 @@ def _compression(filters: Sequence[str]) -> str | None:
     return None
 
 
-def _open_h5(path: str) -> h5py.File:
-    """Open ``path`` read-only, turning every way it can fail into a one-line UserError."""
+# Errno values of a lock another process holds (flock: EWOULDBLOCK; fcntl: EACCES/EAGAIN).
+_LOCK_HELD_ERRNOS = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
+# Errno values of a file system that does not support locks at all.
+_LOCK_UNSUPPORTED_ERRNOS = frozenset(
+    {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EBADF}
+)
+# HDF5's refusal to open a file whose superblock says a writer (SWMR or not) has it open.
+_WRITER_FLAGS_RE = re.compile(r"already open for (write|swmr)|consistency flags", re.IGNORECASE)
+_ERRNO_RE = re.compile(r"errno\s*=\s*(\d+)")
+_LOCK_WORD_RE = re.compile(r"\block", re.IGNORECASE)
+
+#: Longest pause between two attempts to open an archive that a writer holds (--wait-for-writer).
+WRITER_POLL_MAX_S = 2.0
+
+
+class _LiveWriter(Exception):
+    """Internal: another process has the file open for writing; ``how`` says how we know."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(how)
+        self.how = how
+
+
+def _flock_probe(path: str) -> str:
+    """Try a non-blocking shared ``flock`` on ``path`` (what HDF5's readers take) and release it.
+
+    Returns "held" when another process holds an exclusive lock (an HDF5 writer), "unsupported"
+    when the file system refuses locks, and "free" otherwise (also when the probe cannot run).
+    """
+    if fcntl is None:
+        return "free"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return "free"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        return "held" if err.errno in _LOCK_HELD_ERRNOS else "unsupported"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return "free"
+    finally:
+        os.close(fd)
+
+
+def _open_error_kind(err: BaseException, path: str) -> str:
+    """Classify a failed ``h5py.File(path, "r")``.
+
+    "writer-lock": another process holds HDF5's write lock; "writer-flags": the superblock's
+    file-consistency flags say a writer has the file open (a SWMR writer releases its lock, so this
+    is the only sign of one; a writer that crashed leaves the flags set too); "no-locks": the file
+    system does not support locks (then a read-only open without locks is safe); "other": anything
+    else (truncated or corrupt file).
+    """
+    text = str(err)
+    if _WRITER_FLAGS_RE.search(text):
+        return "writer-flags"
+    if not _LOCK_WORD_RE.search(text):  # "unable to lock file", not "sblock->base_addr"
+        return "other"
+    code = getattr(err, "errno", None)
+    if not isinstance(code, int) or code == 0:
+        found = _ERRNO_RE.search(text)
+        code = int(found.group(1)) if found else None
+    if code in _LOCK_HELD_ERRNOS:
+        return "writer-lock"
+    if code in _LOCK_UNSUPPORTED_ERRNOS:
+        return "no-locks"
+    # Unknown errno: ask the file system directly.
+    return "writer-lock" if _flock_probe(path) == "held" else "no-locks"
+
+
+def _check_file(path: str) -> os.stat_result:
+    """Raise a one-line UserError unless ``path`` is an existing, readable regular file."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -246,14 +344,22 @@ def _open_h5(path: str) -> h5py.File:
         ) from None
     except OSError as err:
         raise UserError(f"{path}: cannot read the file ({_short(err)})") from None
+    return st
+
+
+def _open_once(path: str) -> h5py.File:
+    """One attempt to open ``path`` read-only; raises :class:`_LiveWriter` or UserError."""
+    st = _check_file(path)
+    try:
+        is_h5 = st.st_size > 0 and h5py.is_hdf5(path)
+    except _H5_ERRORS:
+        is_h5 = False
+    if not is_h5 and _flock_probe(path) == "held":
+        raise _LiveWriter("writer-lock")  # a writer that has not flushed its superblock yet
     if st.st_size == 0:
         raise UserError(
             f"{path}: is empty (0 bytes), not an HDF5 archive; re-copy or regenerate it"
         )
-    try:
-        is_h5 = h5py.is_hdf5(path)
-    except _H5_ERRORS:
-        is_h5 = False
     if not is_h5:
         raise UserError(
             f"{path}: is not an HDF5 file (no HDF5 signature found); pass an HDF5 archive "
@@ -263,17 +369,368 @@ def _open_h5(path: str) -> h5py.File:
     try:
         return h5py.File(path, "r", **kwargs)
     except _H5_ERRORS as err:
-        first = err
-    # Some parallel file systems refuse HDF5's file locks; a read-only open does not need them.
-    if "lock" in str(first).lower():
+        first: BaseException = err
+    kind = _open_error_kind(first, path)
+    if kind.startswith("writer"):
+        raise _LiveWriter(kind)
+    if kind == "no-locks":
+        # Some parallel file systems refuse locks; a read-only open does not need them. Only
+        # taken when the error really is "locks not supported", never for a lock someone holds.
         try:
             return h5py.File(path, "r", locking=False, **kwargs)
         except (_H5_ERRORS + (TypeError, ValueError)) as err:
             first = err
+        if _open_error_kind(first, path) == "writer-flags":
+            raise _LiveWriter("writer-flags")
     raise UserError(
         f"{path}: cannot open the HDF5 file, it is truncated or corrupt ({_short(first)}); "
         "re-copy or regenerate the archive"
     ) from first
+
+
+def _wait_seconds(wait_for_writer: float | None) -> float | None:
+    if wait_for_writer is None:
+        return None
+    if isinstance(wait_for_writer, bool) or not isinstance(wait_for_writer, numbers.Real):
+        raise UserError(f"--wait-for-writer must be a number of seconds, got {wait_for_writer!r}")
+    wait = float(wait_for_writer)
+    if not (wait >= 0 and math.isfinite(wait)):
+        raise UserError(f"--wait-for-writer must be a finite number of seconds >= 0, got {wait:g}")
+    return wait
+
+
+def _writer_message(path: str, how: str, waited: float | None) -> str:
+    if how == "writer-flags":
+        why = (
+            "its HDF5 file-consistency flags say a writer has it open, e.g. in SWMR mode; if no "
+            "process writes it any more, a writer crashed without closing it: clear the flags "
+            "of a copy with 'h5clear -s COPY' and use the copy"
+        )
+    else:
+        why = "another process holds its HDF5 write lock"
+    if waited is None:
+        return (
+            f"{path}: is being written by another process ({why}); wait for it to finish, or "
+            "pass --wait-for-writer SECONDS"
+        )
+    return (
+        f"{path}: is still being written by another process after waiting {waited:g} s ({why}); "
+        "wait for the writer to finish, or pass a longer --wait-for-writer SECONDS"
+    )
+
+
+def _open_h5(path: str, wait_for_writer: float | None = None) -> h5py.File:
+    """Open ``path`` read-only, turning every way it can fail into a one-line UserError.
+
+    A file that another process has open for writing (HDF5 write lock held, or file-consistency
+    flags set by a SWMR writer) is refused, or, with ``wait_for_writer`` seconds, retried with a
+    growing pause (up to :data:`WRITER_POLL_MAX_S`) until the writer is gone or the time is up.
+    """
+    wait = _wait_seconds(wait_for_writer)
+    deadline = None if wait is None else time.monotonic() + wait
+    pause = 0.05
+    while True:
+        try:
+            return _open_once(path)
+        except _LiveWriter as busy:
+            left = 0.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise UserError(_writer_message(path, busy.how, wait)) from None
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, WRITER_POLL_MAX_S)
+
+
+# --------------------------------------------------------------------------------------------
+# where a dataset's bytes live: links to other files, virtual sources, external raw files, chunks
+
+#: Virtual datasets whose sources are themselves virtual are followed this many levels deep.
+MAX_VIRTUAL_DEPTH = 4
+
+
+def _mb(nbytes: int) -> str:
+    """A byte count for messages about storage: "0.2 MB", "12.0 GB"."""
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _gib(nbytes: int) -> str:
+    """A byte count for messages about memory: "37.3 GiB"."""
+    return f"{nbytes / 2**30:.1f} GiB"
+
+
+def _available_memory() -> int:
+    """Bytes of memory this process can still allocate without swapping (psutil's estimate)."""
+    return int(psutil.virtual_memory().available)
+
+
+def _candidates(name: str, parent_file: str, env_var: str) -> list[str]:
+    """Where HDF5 looks for the file of an external link or virtual-dataset source, in order.
+
+    As HDF5 does: an absolute name as given, then (by its last component if it was absolute)
+    under each ``:``-separated prefix of ``env_var`` (``${ORIGIN}`` = the parent file's
+    directory), next to the parent file, and finally relative to the current directory.
+    """
+    origin = os.path.dirname(os.path.abspath(parent_file))
+    found: list[str] = []
+    if os.path.isabs(name):
+        found.append(name)
+        name = os.path.basename(name)
+    for prefix in filter(None, os.environ.get(env_var, "").split(":")):
+        found.append(os.path.join(prefix.replace("${ORIGIN}", origin), name))
+    found.append(os.path.join(origin, name))
+    found.append(name)
+    out: list[str] = []
+    for c in found:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def _open_other(name: str, parent_file: str, env_var: str) -> tuple[h5py.File | None, str]:
+    """Open the HDF5 file an external link or a virtual source names, read-only.
+
+    Returns ``(file, "")`` or ``(None, why)``, ``why`` being a phrase such as "which is not found
+    (looked for a.h5, /data/a.h5)" or "which is being written by another process".
+    """
+    tried = _candidates(name, parent_file, env_var)
+    problems: list[str] = []
+    for cand in tried:
+        if not os.path.isfile(cand):
+            continue
+        try:
+            return h5py.File(cand, "r"), ""
+        except _H5_ERRORS as err:
+            kind = _open_error_kind(err, cand)
+            if kind.startswith("writer"):
+                return None, f"which is being written by another process ({cand})"
+            if kind == "no-locks":
+                try:
+                    return h5py.File(cand, "r", locking=False), ""
+                except (_H5_ERRORS + (TypeError, ValueError)) as err2:
+                    err = err2
+            problems.append(f"{cand} cannot be opened: {_short(err)}")
+    if problems:
+        return None, "which cannot be opened (" + "; ".join(problems) + ")"
+    return None, f"which is not found (looked for {', '.join(tried)})"
+
+
+def _link_problem(root: h5py.File, path: str) -> str | None:
+    """Why ``path`` resolves to nothing although a link on the way to it exists, or None.
+
+    Walks ``path`` one link at a time; a dangling soft link or an external link whose file or
+    object is missing is described ("/exchange/data_lr is an external link to /d in lr.h5, which
+    is not found (...)"); a plainly absent name gives None (the caller reports "not found").
+    """
+    parts = [p for p in path.split("/") if p]
+    group: h5py.Group = root
+    here = ""
+    for i, part in enumerate(parts):
+        here += "/" + part
+        try:
+            link = group.get(part, getlink=True)
+        except (*_H5_ERRORS, ValueError, TypeError):
+            return None
+        if link is None:
+            return None
+        try:
+            target = group.get(part)
+        except (*_H5_ERRORS, ValueError, TypeError):
+            target = None
+        if target is None:
+            if isinstance(link, h5py.ExternalLink):
+                other, why = _open_other(link.filename, group.file.filename, "HDF5_EXT_PREFIX")
+                if other is not None:
+                    with other:
+                        why = f"which has no object {link.path}"
+                return f"{here} is an external link to {link.path} in {link.filename}, {why}"
+            if isinstance(link, h5py.SoftLink):
+                return f"{here} is a soft link to {link.path}, which does not exist"
+            return None
+        if i < len(parts) - 1:
+            if not isinstance(target, h5py.Group):
+                return None
+            group = target
+    return None
+
+
+def _layout(ds: h5py.Dataset) -> int | None:
+    try:
+        return int(ds.id.get_create_plist().get_layout())
+    except _H5_ERRORS:
+        return None
+
+
+def _storage_problem(ds: h5py.Dataset, path: str, depth: int = 0) -> str | None:
+    """Why reading ``ds`` would return fill values (or fail) instead of stored data, or None.
+
+    Cheap for any archive size: it reads metadata only. Checks that
+
+    * every source of a virtual dataset resolves (file found and openable, dataset present, shape
+      covering the mapped region, itself storing its data) and the mappings cover the dataset;
+    * every external raw-data file exists, is readable and long enough;
+    * a chunked dataset has every chunk its shape needs allocated (``get_num_chunks`` walks the
+      chunk index, about 0.1 s per million chunks), a contiguous one has storage at all.
+    """
+    layout = _layout(ds)
+    if layout == h5py.h5d.VIRTUAL:
+        return _virtual_problem(ds, path, depth)
+    try:
+        external = ds.external
+    except _H5_ERRORS:
+        external = None
+    if external:
+        return _external_problem(ds, path, external)
+    shape = tuple(int(s) for s in (ds.shape or ()))
+    if not shape or 0 in shape:
+        return None
+    if layout == h5py.h5d.CHUNKED and ds.chunks:
+        needed = 1
+        for s, c in zip(shape, ds.chunks):
+            needed *= -(-s // int(c))
+        try:
+            stored = int(ds.id.get_num_chunks())
+        except _H5_ERRORS:
+            return None
+        if stored < needed:
+            try:
+                size = _mb(int(ds.id.get_storage_size()))
+            except _H5_ERRORS:
+                size = "?"
+            return (
+                f"dataset {path} declares shape {_shape_str(shape)} "
+                f"({_mb(math.prod(shape) * ds.dtype.itemsize)} uncompressed) but stores only "
+                f"{size} in {stored} of the {needed} chunks it needs: the other chunks were never "
+                "written and would read as fill values"
+            )
+    elif layout == h5py.h5d.CONTIGUOUS:
+        try:
+            allocated = int(ds.id.get_storage_size())
+        except _H5_ERRORS:
+            return None
+        if allocated == 0:
+            return (
+                f"dataset {path} declares shape {_shape_str(shape)} but no data was ever written "
+                "to it: it would read as fill values"
+            )
+    return None
+
+
+def _virtual_problem(ds: h5py.Dataset, path: str, depth: int) -> str | None:
+    """:func:`_storage_problem` for a virtual dataset (see there)."""
+    if depth >= MAX_VIRTUAL_DEPTH:
+        return (
+            f"virtual dataset {path} has sources nested more than {MAX_VIRTUAL_DEPTH} levels deep"
+        )
+    shape = tuple(int(s) for s in (ds.shape or ()))
+    parent = ds.file.filename
+    dcpl = ds.id.get_create_plist()
+    count = int(dcpl.get_virtual_count())
+    if count == 0 and math.prod(shape) > 0:
+        return f"virtual dataset {path} has no sources: every frame would read as fill values"
+    mapped = 0
+    verifiable = True
+    files: dict[str, tuple[h5py.File | None, str]] = {}
+    try:
+        for i in range(count):
+            fname = dcpl.get_virtual_filename(i)
+            dname = dcpl.get_virtual_dsetname(i)
+            vspace = dcpl.get_virtual_vspace(i)
+            srcspace = dcpl.get_virtual_srcspace(i)
+            try:
+                npoints = int(vspace.get_select_npoints())
+                lo, hi = vspace.get_select_bounds()
+                region = f"frames {lo[0]}..{hi[0]}" if len(lo) == 3 else "a region"
+            except _H5_ERRORS + (ValueError,):
+                verifiable = False  # unlimited mapping: its extent follows the sources
+                continue
+            if "%b" in fname or "%b" in dname:
+                verifiable = False  # printf-style names of an unlimited mapping
+                continue
+            mapped += npoints
+            what = f"virtual dataset {path} maps {region} to {dname} in {fname}"
+            if fname == ".":
+                other: h5py.File | None = ds.file
+            else:
+                if fname not in files:
+                    files[fname] = _open_other(fname, parent, "HDF5_VDS_PREFIX")
+                other, why = files[fname]
+                if other is None:
+                    return f"{what}, {why}"
+            try:
+                src = other.get(dname)
+            except (*_H5_ERRORS, ValueError, TypeError):
+                src = None
+            if not isinstance(src, h5py.Dataset):
+                return f"{what}, but that file has no dataset {dname}"
+            src_shape = tuple(int(s) for s in (src.shape or ()))
+            if int(srcspace.get_select_type()) == h5py.h5s.SEL_ALL:
+                if math.prod(src_shape) != npoints:
+                    return (
+                        f"{what}, whose shape {_shape_str(src_shape)} does not match the "
+                        f"{npoints} elements mapped"
+                    )
+            else:
+                try:
+                    _slo, shi = srcspace.get_select_bounds()
+                except _H5_ERRORS + (ValueError,):
+                    shi = None
+                if shi is not None and (
+                    len(shi) != len(src_shape) or any(h >= s for h, s in zip(shi, src_shape))
+                ):
+                    need = _shape_str([h + 1 for h in shi])
+                    return (
+                        f"{what}, whose shape {_shape_str(src_shape)} does not cover the "
+                        f"selected region (needs at least {need})"
+                    )
+            inner = _storage_problem(src, dname, depth + 1)
+            if inner is not None:
+                return f"{what}, and there {inner}"
+    finally:
+        for other, _why in files.values():
+            if other is not None:
+                with contextlib.suppress(Exception):
+                    other.close()
+    total = math.prod(shape)
+    if verifiable and mapped < total:
+        return (
+            f"virtual dataset {path} maps only {mapped} of its {total} elements to sources: the "
+            "rest would read as fill values"
+        )
+    return None
+
+
+def _external_problem(
+    ds: h5py.Dataset, path: str, external: Sequence[tuple[Any, int, int]]
+) -> str | None:
+    """:func:`_storage_problem` for a dataset with external raw storage (see there)."""
+    prefix = os.environ.get("HDF5_EXTFILE_PREFIX", "")
+    origin = os.path.dirname(os.path.abspath(ds.file.filename))
+    remaining = math.prod(int(s) for s in (ds.shape or ())) * int(ds.id.get_type().get_size())
+    for name, offset, size in external:
+        if remaining <= 0:
+            break
+        name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+        where = name if not prefix else os.path.join(prefix.replace("${ORIGIN}", origin), name)
+        take = remaining if int(size) == h5py.h5f.UNLIMITED else min(int(size), remaining)
+        what = f"dataset {path} stores its data in the external file {name}"
+        try:
+            have = os.path.getsize(where)
+            with open(where, "rb"):
+                pass
+        except FileNotFoundError:
+            hint = "" if prefix else (
+                f"; relative names are looked up from the current directory {os.getcwd()}: run "
+                "from the archive's directory, or set HDF5_EXTFILE_PREFIX='${ORIGIN}'"
+            )
+            return f"{what}, which is not found ({os.path.abspath(where)}){hint}"
+        except OSError as err:
+            return f"{what}, which cannot be read ({_short(err)})"
+        if have < int(offset) + take:
+            return (
+                f"{what}, which holds {have} bytes but the dataset needs bytes "
+                f"{int(offset)}..{int(offset) + take - 1} of it: the rest would read as zeros"
+            )
+        remaining -= take
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,6 +748,13 @@ class Archive:
     hr_stride, hr_offset:
         Key frames at LR indices ``hr_offset, hr_offset + hr_stride, ...`` instead of reading
         ``paths.hr_index``. When ``hr_stride`` is given the ``hr_index`` dataset is ignored.
+    wait_for_writer:
+        A file that another process has open for writing is refused at once when this is None;
+        otherwise opening is retried for up to this many seconds before it is refused.
+
+    Opening refuses, with a :class:`UserError`, an archive whose data would read as fill values
+    (virtual datasets with missing sources, broken external links, missing external raw files,
+    chunks never written) and one whose frames do not fit in the memory available.
 
     Attributes (set by validation)
     ------------------------------
@@ -320,19 +784,21 @@ class Archive:
         paths: ArchivePaths = ArchivePaths(),
         hr_stride: int | None = None,
         hr_offset: int = 0,
+        wait_for_writer: float | None = None,
     ) -> None:
         self.path = os.fspath(path)
         if not isinstance(paths, ArchivePaths):
             raise TypeError(f"paths must be an ArchivePaths, got {type(paths).__name__}")
         self.paths = paths
-        self._init_args = (hr_stride, hr_offset)
+        self._init_args = (hr_stride, hr_offset, wait_for_writer)
         self._file: h5py.File | None = None
         self._calib_ds: dict[str, h5py.Dataset | None] = {}
         self._calib_cache: dict[str, np.ndarray | None] = {}
         self._gt_ds: h5py.Dataset | None = None
+        self._has_gt = False
         self._gt_problem: str | None = None
         self._notes: list[str] = []  # validation remarks that describe() reports as warnings
-        self._file = _open_h5(self.path)
+        self._file = _open_h5(self.path, wait_for_writer)
         try:
             self._validate(hr_stride, hr_offset)
         except BaseException:
@@ -342,8 +808,14 @@ class Archive:
     # ---------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
-        """Close the file. Idempotent."""
+        """Close the file. Idempotent.
+
+        Also drops the dataset handles, so files reached through external links or opened for
+        virtual sources are released as well.
+        """
         f, self._file = self._file, None
+        self._lr = self._hr = self._gt_ds = None  # type: ignore[assignment]
+        self._calib_ds = {}
         if f is not None:
             with contextlib.suppress(Exception):
                 f.close()
@@ -365,6 +837,7 @@ class Archive:
             "paths": self.paths,
             "hr_stride": self._init_args[0],
             "hr_offset": self._init_args[1],
+            "wait_for_writer": self._init_args[2],
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -399,15 +872,46 @@ class Archive:
                 "or corrupt, or compressed with a filter that is not installed"
             ) from err
 
-    def _lookup(self, path: str) -> h5py.HLObject | None:
-        """The object at ``path``, or None when absent (or the path is disabled with "")."""
+    def _lookup(self, path: str, what: str = "", strict: bool = True) -> h5py.HLObject | None:
+        """The object at ``path``, or None when absent (or the path is disabled with "").
+
+        With ``strict``, a link on the way that exists but leads nowhere (an external link to a
+        missing file or object, a dangling soft link) raises a :class:`UserError` naming it.
+        """
         if not path:
             return None
         with self._guard(f"the object at {path}"):
             try:
-                return self._f.get(path)
+                obj = self._f.get(path)
             except (ValueError, TypeError):  # malformed path string
                 return None
+        if obj is None and strict:
+            problem = _link_problem(self._f, path)
+            if problem is not None:
+                raise UserError(
+                    f"{self.path}: {problem}, so the {what or 'dataset'} cannot be read; make "
+                    "the linked file and object available, or fix the link"
+                )
+        return obj
+
+    def _require_storage(self, ds: h5py.Dataset, path: str, what: str) -> None:
+        """Raise a UserError when ``ds`` would read as fill values (:func:`_storage_problem`)."""
+        problem = _storage_problem(ds, path)
+        if problem is not None:
+            raise UserError(
+                f"{self.path}: {problem} ({what}); the archive is incomplete: finish or redo "
+                "the export, or make its missing files available"
+            )
+
+    def _require_memory(self, nbytes: int, what: str, todo: str, per: str = "") -> None:
+        """Raise a UserError when ``nbytes`` exceed the memory available: "``what`` needs 37.3
+        GiB``per``, more than the 23.1 GiB available; ``todo``"."""
+        avail = _available_memory()
+        if nbytes > avail:
+            raise UserError(
+                f"{self.path}: {what} needs {_gib(nbytes)}{per}, more than the {_gib(avail)} "
+                f"available; {todo}"
+            )
 
     def _dataset_list(self, limit: int) -> list[str]:
         names: list[str] = []
@@ -462,7 +966,7 @@ class Archive:
     def _require_frames(self, role: str, what: str) -> h5py.Dataset:
         """Find and check a required 3-D numeric frame stack (LR or HR)."""
         path = getattr(self.paths, role)
-        obj = self._lookup(path)
+        obj = self._lookup(path, what)
         if obj is None:
             raise self._missing(role, what)
         if not isinstance(obj, h5py.Dataset):
@@ -480,6 +984,7 @@ class Archive:
                 f"it needs at least one frame of nonzero size{todo}"
             )
         self._check_numeric(obj, path, what)
+        self._require_storage(obj, path, what)
         return obj
 
     def _validate(self, hr_stride: int | None, hr_offset: int) -> None:
@@ -501,6 +1006,14 @@ class Archive:
                 f"(s*h)x(s*w) for one integer s, check --lr/--hr"
             )
         self.scale = hh // h
+        for camera, (fh, fw), path in (("HR", self.hr_shape, p.hr), ("LR", self.lr_shape, p.lr)):
+            self._require_memory(
+                fh * fw * 4,
+                f"{camera} frame {fh}x{fw} float32 ({path})",
+                "reconstruct on a machine with more memory, or crop or bin the frames into a "
+                "smaller archive",
+                per=" per frame",
+            )
 
         if k < 2:
             raise UserError(
@@ -546,7 +1059,7 @@ class Archive:
                 f"frames ({shown}) in {n} LR frames, but {p.hr} has {k}; fix "
                 "--hr-stride/--hr-offset"
             )
-        if p.hr_index and self._lookup(p.hr_index) is not None:
+        if p.hr_index and self._lookup(p.hr_index, strict=False) is not None:
             self._notes.append(
                 f"{p.hr_index} is ignored because --hr-stride was given"
             )
@@ -559,7 +1072,7 @@ class Archive:
         p = self.paths
         path = p.hr_index
         todo = "fix the archive or pass --hr-stride S [--hr-offset O]"
-        obj = self._lookup(path)
+        obj = self._lookup(path, "key-frame index")
         if obj is None:
             raise UserError(
                 f"{self.path}: dataset {path or '(hr_index path disabled)'} not found and no "
@@ -588,6 +1101,8 @@ class Archive:
                 f"{self.path}: dataset {path} has {obj.shape[0]} entries but {p.hr} has {k} key "
                 f"frames; they must match one to one; {todo}"
             )
+        self._require_storage(obj, path, "key-frame index")
+        self._require_memory(k * 32, f"reading the {k} key-frame indices of {path}", todo)
         with self._guard(f"dataset {path}"):
             raw = np.asarray(obj[()])
         if raw.dtype.kind == "f":
@@ -598,30 +1113,33 @@ class Archive:
                     f"{self.path}: dataset {path} holds {float(raw[i])!r} at index {i}, which is "
                     f"not a whole number; key-frame indices must be integers; {todo}"
                 )
-        # Range check on Python ints, so huge unsigned values cannot wrap when cast to int64.
-        values = [int(v) for v in raw.tolist()]
-        for i, v in enumerate(values):
-            if not 0 <= v < n:
-                raise UserError(
-                    f"{self.path}: dataset {path} holds {v} at index {i}, outside [0, {n}) "
-                    f"({p.lr} has {n} LR frames); {todo}"
-                )
-        for i in range(1, len(values)):
-            if values[i] <= values[i - 1]:
-                raise UserError(
-                    f"{self.path}: dataset {path} is not strictly increasing (index {i}: "
-                    f"{values[i]} after {values[i - 1]}); {todo}"
-                )
-        return np.asarray(values, dtype=np.int64)
+        # Range check in a wide type of the same kind, so huge unsigned values cannot wrap.
+        wide = raw.astype({"u": np.uint64, "i": np.int64}.get(raw.dtype.kind, np.float64))
+        outside = (wide >= n) if wide.dtype.kind == "u" else (wide < 0) | (wide >= n)
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            raise UserError(
+                f"{self.path}: dataset {path} holds {int(wide[i])} at index {i}, outside [0, {n}) "
+                f"({p.lr} has {n} LR frames); {todo}"
+            )
+        values = wide.astype(np.int64)
+        steps = np.flatnonzero(np.diff(values) <= 0)
+        if steps.size:
+            i = int(steps[0]) + 1
+            raise UserError(
+                f"{self.path}: dataset {path} is not strictly increasing (index {i}: "
+                f"{int(values[i])} after {int(values[i - 1])}); {todo}"
+            )
+        return values
 
     def _check_calibration(self, name: str) -> h5py.Dataset | None:
         path = getattr(self.paths, name)
-        obj = self._lookup(path)
-        if obj is None:
-            return None
         camera = "LR" if name.endswith("_lr") else "HR"
         frame = self.lr_shape if camera == "LR" else self.hr_shape
         what = f"{camera} {'dark' if name.startswith('dark') else 'flat'} frames"
+        obj = self._lookup(path, what)
+        if obj is None:
+            return None
         todo = "fix or remove it"
         if not isinstance(obj, h5py.Dataset):
             kind = "a group" if isinstance(obj, h5py.Group) else f"a {type(obj).__name__}"
@@ -638,12 +1156,17 @@ class Archive:
                 f"{self.path}: calibration dataset {path} ({what}) has no frames; {todo}"
             )
         self._check_numeric(obj, path, what, todo)
+        self._require_storage(obj, path, what)
         return obj
 
     def _check_gt(self) -> None:
         path = self.paths.gt
-        obj = self._lookup(path)
+        obj = self._lookup(path, strict=False)
         if obj is None:
+            broken = _link_problem(self._f, path) if path else None
+            if broken is not None:
+                self._gt_problem = broken
+                self._notes.append(f"ground truth ignored: {broken}")
             return
         expected = (self.n_frames, *self.hr_shape)
         problem: str | None = None
@@ -661,8 +1184,11 @@ class Archive:
                 )
             elif not dtype_ok:
                 problem = f"dataset {path} has non-numeric dtype {_dtype_str(obj)}"
+            else:
+                problem = _storage_problem(obj, path)
         if problem is None:
             self._gt_ds = obj
+            self._has_gt = True
         else:
             self._gt_problem = problem
             self._notes.append(f"ground truth ignored: {problem}")
@@ -773,11 +1299,11 @@ class Archive:
     @property
     def has_gt(self) -> bool:
         """True when a valid ``(N, H, W)`` ground-truth dataset is present."""
-        return self._gt_ds is not None
+        return self._has_gt
 
     def read_gt(self, start: int, stop: int) -> np.ndarray:
         """Ground-truth frames ``start:stop`` as float32 ``(stop - start, H, W)``."""
-        if self._gt_ds is None:
+        if not self._has_gt:
             gt_path = self.paths.gt or "(gt path disabled)"
             reason = self._gt_problem or f"dataset {gt_path} not found"
             raise UserError(
@@ -785,7 +1311,7 @@ class Archive:
                 f"{self.paths.gt or '/exchange/data_gt'} to evaluate"
             )
         start, stop = self._check_range(start, stop, self.n_frames, "ground-truth")
-        return self._read_block(self._gt_ds, self.paths.gt, start, stop)
+        return self._read_block(self._gt_ds, self.paths.gt, start, stop)  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------- checks and summaries
 
@@ -1001,7 +1527,13 @@ def inspect_file(
     paths: ArchivePaths = ArchivePaths(),
     hr_stride: int | None = None,
     hr_offset: int = 0,
+    wait_for_writer: float | None = None,
 ) -> dict[str, Any]:
-    """Open, validate and :meth:`~Archive.describe` an archive; raises :class:`UserError`."""
-    with Archive(path, paths=paths, hr_stride=hr_stride, hr_offset=hr_offset) as archive:
+    """Open, validate and :meth:`~Archive.describe` an archive; raises :class:`UserError`.
+
+    ``wait_for_writer``: as for :class:`Archive` (None refuses a file being written at once).
+    """
+    with Archive(
+        path, paths=paths, hr_stride=hr_stride, hr_offset=hr_offset, wait_for_writer=wait_for_writer
+    ) as archive:
         return archive.describe()
