@@ -15,15 +15,19 @@ counts: ``y * (hi - lo) + lo``, then un-flat-fielded when HR darks/flats exist.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from typing import NoReturn
 
 import numpy as np
+
+from xvr_batch.errors import UserError
 
 FIT_BLOCK = 4
 MAX_FIT_KEYS = 32
 EPS = 1e-6
 
-__all__ = ["Normalisation", "Calibration", "fit_normalisation"]
+__all__ = ["Normalisation", "NormalisationError", "Calibration", "fit_normalisation"]
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,73 @@ class Normalisation:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Normalisation":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+    def from_dict(cls, d: dict, source: str = "work directory manifest",
+                  advice: str = "the manifest was edited or is corrupt; rerun with --force-replan") -> "Normalisation":
+        """The inverse of :meth:`to_dict`, for numbers read back from a file (``source`` names it, ``advice``
+        ends the message).
+
+        Missing or unknown fields, wrong types (a bool is not a number), NaN/Inf, ``hi <= lo`` and mappings
+        whose float32 coefficients overflow raise :class:`NormalisationError`: such numbers would turn the
+        whole output into NaN or garbage."""
+        if not isinstance(d, dict):
+            _refuse(source, advice, f"normalisation is a {type(d).__name__}, not a mapping")
+        names = list(cls.__dataclass_fields__)
+        missing = [k for k in names if k not in d]
+        if missing:
+            _refuse(source, advice, f"normalisation field {missing[0]!r} is missing")
+        unknown = sorted(str(k) for k in d if k not in cls.__dataclass_fields__)
+        if unknown:
+            _refuse(source, advice, f"normalisation has unknown field {unknown[0][:40]!r}")
+        for k in ("a", "b", "lo", "hi"):
+            v = d[k]
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                _refuse(source, advice, f"normalisation field {k!r} is {type(v).__name__} {v!r:.40}, not a number")
+            if not _finite(v):
+                _refuse(source, advice, f"normalisation field {k!r} is {v!r:.40}")
+        for k in ("lr_flat_field", "hr_flat_field"):
+            if not isinstance(d[k], bool):
+                _refuse(source, advice,
+                        f"normalisation field {k!r} is {type(d[k]).__name__} {d[k]!r:.40}, not true/false")
+        n = d["n_fit_keys"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            _refuse(source, advice,
+                    f"normalisation field 'n_fit_keys' is {type(n).__name__} {n!r:.40}, not a positive integer")
+        norm = cls(a=float(d["a"]), b=float(d["b"]), lo=float(d["lo"]), hi=float(d["hi"]),
+                   lr_flat_field=d["lr_flat_field"], hr_flat_field=d["hr_flat_field"], n_fit_keys=n)
+        problem = norm.problem()
+        if problem:
+            _refuse(source, advice, problem)
+        return norm
+
+    def problem(self) -> str | None:
+        """Why this mapping cannot be used (a zero or negative span, or coefficients that overflow float32),
+        or None."""
+        span = self.hi - self.lo
+        if not span > 0:
+            return f"normalisation span hi - lo is {span:g} (lo {self.lo:g}, hi {self.hi:g}); it must be positive"
+        with np.errstate(all="ignore"):
+            coeffs = np.array([self.a / span, (self.b - self.lo) / span, 1.0 / span, -self.lo / span, span,
+                               self.lo], dtype=np.float32)
+        if not np.isfinite(coeffs).all():
+            return (f"normalisation (a {self.a:g}, b {self.b:g}, lo {self.lo:g}, hi {self.hi:g}) gives "
+                    "coefficients that overflow float32")
+        return None
+
+
+class NormalisationError(UserError, ValueError):
+    """A recorded normalisation that cannot be used. A :class:`UserError` (one line, exit 2), and a
+    ``ValueError`` for callers that fall back to a fresh fit."""
+
+
+def _finite(v: float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _refuse(source: str, advice: str, what: str) -> NoReturn:
+    raise NormalisationError(f"{source}: {what}; {advice}")
 
 
 class Calibration:
@@ -139,4 +208,9 @@ def fit_normalisation(archive) -> Normalisation:
     lo, hi = (float(v) for v in np.percentile(allhr, [0.1, 99.9]))
     if not hi > lo:
         lo, hi = lo - 0.5, lo + 0.5
-    return Normalisation(a=a, b=b, lo=lo, hi=hi, lr_flat_field=lr_ff, hr_flat_field=hr_ff, n_fit_keys=len(picks))
+    norm = Normalisation(a=a, b=b, lo=lo, hi=hi, lr_flat_field=lr_ff, hr_flat_field=hr_ff, n_fit_keys=len(picks))
+    problem = norm.problem() if all(math.isfinite(v) for v in (a, b, lo, hi)) else f"non-finite fit {norm}"
+    if problem:
+        raise UserError(f"{getattr(archive, 'path', 'archive')}: cannot fit the LR->HR intensity mapping on the key "
+                        f"frames ({problem}); check the key frames, darks and flats")
+    return norm

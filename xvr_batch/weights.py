@@ -27,7 +27,12 @@ class ResolvedWeights:
     trained: bool
 
     def load(self) -> SwinXVR:
-        """A fresh model in eval mode (loaded again in every worker process)."""
+        """A model in eval mode that no one else holds. In the process that resolved the weights, the
+        model :func:`resolve_weights` already loaded (to validate it) is handed out once, so the file is
+        read once per process; other processes, and later calls, load it afresh."""
+        model = _VALIDATED.pop((self.source, self.sha256), None)
+        if model is not None:
+            return model
         if self.source.startswith("random:"):
             return _random_model(self.config)
         path = self.source.split(":", 1)[1] if self.source.startswith("builtin:") else self.source
@@ -41,7 +46,33 @@ class ResolvedWeights:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ResolvedWeights":
-        return cls(d["source"], d["sha256"], ModelConfig.from_dict(d["config"]), bool(d["trained"]))
+        """The inverse of :meth:`to_dict`; a record with missing or mistyped fields is one UserError."""
+        where = "work directory manifest: weights record"
+        if not isinstance(d, dict):
+            raise UserError(f"{where} is not a mapping; the manifest was edited or is corrupt; "
+                            "rerun with --force-replan")
+        for key, kind in (("source", str), ("sha256", str), ("config", dict), ("trained", bool)):
+            if not isinstance(d.get(key), kind):
+                got = "missing" if key not in d else f"{type(d[key]).__name__} {d[key]!r:.40}"
+                raise UserError(f"{where} field {key!r} is {got}, expected {kind.__name__}; the manifest was "
+                                "edited or is corrupt; rerun with --force-replan")
+        try:
+            cfg = ModelConfig.from_dict(d["config"])
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}; the manifest was edited or is corrupt; rerun with --force-replan") \
+                from None
+        return cls(d["source"], d["sha256"], cfg, d["trained"])
+
+
+#: Models loaded by :func:`resolve_weights` in this process, waiting for their one :meth:`ResolvedWeights.load`.
+_VALIDATED: dict[tuple[str, str], SwinXVR] = {}
+
+
+def _resolved(source: str, path: Path, model: SwinXVR) -> ResolvedWeights:
+    rw = ResolvedWeights(source, file_sha256(path), model.cfg, True)
+    _VALIDATED.clear()  # keep at most one model waiting
+    _VALIDATED[(rw.source, rw.sha256)] = model.eval()
+    return rw
 
 
 def named_weights(name: str) -> Path:
@@ -76,14 +107,14 @@ def resolve_weights(weights: str | None, head: str | None = None) -> ResolvedWei
         name = DEFAULT_NAME if weights in (None, "default") else weights
         path = named_weights(name)
         if path.exists():
-            model, ckpt = load_checkpoint(path)
-            return ResolvedWeights(f"builtin:{name}", file_sha256(path), model.cfg, True)
+            model, _ = load_checkpoint(path)
+            return _resolved(f"builtin:{name}", path, model)
         cfg = preset("lite")
         warnings.warn("no trained default weights are installed: using a RANDOMLY INITIALISED 'lite' model; "
                       "the output is not a meaningful reconstruction", stacklevel=2)
         return ResolvedWeights("random:lite", _state_sha(_random_model(cfg)), cfg, False)
     path = Path(weights).expanduser()
-    model, ckpt = load_checkpoint(path)  # validates fully; UserError on any problem
+    model, _ = load_checkpoint(path)  # validates fully; UserError on any problem
     if head is not None and model.cfg.head != head:
         raise UserError(f"{path}: weights are for head {model.cfg.head!r}, not {head!r}")
-    return ResolvedWeights(str(path.resolve()), file_sha256(path), model.cfg, True)
+    return _resolved(str(path.resolve()), path, model)

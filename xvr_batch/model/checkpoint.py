@@ -20,11 +20,12 @@ mapped onto ours by :func:`xfusion_to_state_dict`, driven by the reference's con
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
 import re
+import stat
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,36 +40,117 @@ FORMAT_VERSION = 1
 
 __all__ = [
     "FORMAT_VERSION", "load_checkpoint", "load_model", "save_checkpoint", "build_model", "file_sha256",
-    "load_state_dict_strict", "from_xfusion", "xfusion_config", "xfusion_to_state_dict", "read_untrusted",
+    "load_state_dict_strict", "check_finite_state", "from_xfusion", "xfusion_config", "xfusion_to_state_dict",
+    "read_untrusted", "MAX_CHECKPOINT_BYTES",
 ]
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The hex sha256 of a checkpoint file (:func:`xvr_batch.durable.sha256_file`)."""
+    from xvr_batch.durable import sha256_file
+
+    return sha256_file(path)
+
+
+#: Largest checkpoint file read: a training checkpoint (weights, EMA weights, two Adam moments) of a network at
+#: the parameter cap of :func:`~xvr_batch.model.config.size_caps` is 1.6 GB; anything far larger is not ours.
+MAX_CHECKPOINT_BYTES = 4 * 2**30
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _check_size(size: int, name: str) -> None:
+    if size > MAX_CHECKPOINT_BYTES:
+        raise UserError(f"{name}: refused, the file is {size / 2**30:.2f} GiB, more than the "
+                        f"{MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB a checkpoint of the largest accepted network needs; "
+                        "check the --weights path")
+
+
+def _open_regular(path: str | os.PathLike, name: str) -> io.BufferedReader:
+    """Open ``path`` for reading only if it is a regular file of a sane size; never blocks on a FIFO."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"{name}: weights file not found; check the --weights path") from None
+    except OSError as exc:
+        raise UserError(f"{name}: cannot read the weights file ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{name}: is {_file_kind(st.st_mode)}, not a weights file; give the path of a checkpoint file")
+    _check_size(st.st_size, name)
+    try:  # O_NONBLOCK: should the path have been swapped for a FIFO since the stat, open() does not hang
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise UserError(f"{name}: cannot read the weights file ({exc.strerror or exc})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UserError(f"{name}: is {_file_kind(st.st_mode)}, not a weights file; give the path of a checkpoint file")
+    try:
+        _check_size(st.st_size, name)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_zip_records(f: Any, name: str) -> None:
+    """Refuse a zip-format checkpoint with compressed records or a declared total size above the cap.
+
+    ``torch.save`` stores its records uncompressed; a deflated record is how a file of a few hundred KB makes
+    ``torch.load`` allocate gigabytes before it fails."""
+    try:
+        if not zipfile.is_zipfile(f):
+            return
+        f.seek(0)
+        with zipfile.ZipFile(f) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise UserError(f"{name}: not a readable torch checkpoint (bad zip archive: {str(exc)[:160]})") from None
+    finally:
+        f.seek(0)
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise UserError(f"{name}: refused, the checkpoint has compressed records (first: {packed[0][:80]!r}); "
+                        "torch.save never writes them; re-save the weights with torch.save")
+    total = sum(i.file_size for i in infos)
+    if total > MAX_CHECKPOINT_BYTES:
+        raise UserError(f"{name}: refused, the checkpoint's records add up to {total / 2**30:.2f} GiB, more than "
+                        f"{MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB")
 
 
 def read_untrusted(source: str | os.PathLike | bytes) -> Any:
-    """``torch.load`` with ``weights_only=True``; every failure becomes one clear :class:`UserError`."""
+    """``torch.load`` with ``weights_only=True``; every failure becomes one clear :class:`UserError`.
+
+    A path must name a regular file (a directory, FIFO or device is refused before it is read) of at most
+    :data:`MAX_CHECKPOINT_BYTES`; a zip-format file must hold only uncompressed records, as ``torch.save``
+    writes them."""
     name = "<bytes>" if isinstance(source, bytes) else str(source)
-    if not isinstance(source, bytes):
-        if not os.path.exists(source):
-            raise UserError(f"{name}: weights file not found; check the --weights path")
-        if os.path.isdir(source):
-            raise UserError(f"{name}: is a directory, not a weights file")
+    if isinstance(source, bytes):
+        _check_size(len(source), name)
+        f: Any = io.BytesIO(source)
+    else:
+        f = _open_regular(source, name)
     try:
-        return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
-                          weights_only=True)
+        with f:
+            _check_zip_records(f, name)
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"{name}: refused, the file needs arbitrary pickled objects to load ({first[:160]}); "
             "only tensors and plain containers are accepted; re-save the weights as a plain state dict"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, KeyError, IndexError,
+            MemoryError, RecursionError, OverflowError) as exc:
         raise UserError(f"{name}: not a readable torch checkpoint ({type(exc).__name__}: {str(exc)[:160]})") from exc
 
 
@@ -77,25 +159,43 @@ def build_model(cfg: ModelConfig) -> SwinXVR:
 
 
 def load_state_dict_strict(model: torch.nn.Module, state: Mapping[str, Any], source: str = "checkpoint") -> None:
-    """Load ``state`` into ``model``; any missing/unexpected key or wrong shape is one UserError."""
+    """Load ``state`` into ``model``; any missing/unexpected key, wrong shape, non-float or sparse tensor, or
+    a tensor holding NaN/Inf is one UserError (which names the first bad tensor)."""
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{source}: the weights are not a state dict of tensors")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    unexpected = [str(k) for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+        problems.append(f"{len(unexpected)} unexpected keys (first: {', '.join(k[:80] for k in unexpected[:3])})")
     if shapes:
         problems.append(f"{len(shapes)} keys with wrong shapes (first: {'; '.join(shapes[:3])})")
     if problems:
         raise UserError(f"{source}: weights do not fit the model: " + "; ".join(problems)
                         + "; check that the weights match the config")
+    check_finite_state(state, source)
     model.load_state_dict({k: v for k, v in state.items()}, strict=True)
+
+
+def check_finite_state(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Refuse (UserError naming the first bad tensor and ``source``) a tensor that is sparse, not floating
+    point, or holds NaN or Inf: such weights would turn every output frame into NaN."""
+    for key, v in state.items():
+        if v.layout != torch.strided:
+            raise UserError(f"{source}: tensor {key!r} is {v.layout}, not a dense tensor; re-save the weights")
+        if not v.is_floating_point():
+            raise UserError(f"{source}: tensor {key!r} has dtype {v.dtype}, not floating point; "
+                            "the checkpoint is corrupt; re-export the weights")
+        finite = torch.isfinite(v)
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            raise UserError(f"{source}: tensor {key!r} holds {bad} NaN/Inf values (of {v.numel()}); the weights are "
+                            "corrupt or training diverged; use another checkpoint")
 
 
 def save_checkpoint(path: str | os.PathLike, model: SwinXVR, params_ema: Mapping[str, torch.Tensor] | None = None,
@@ -112,14 +212,11 @@ def save_checkpoint(path: str | os.PathLike, model: SwinXVR, params_ema: Mapping
         ckpt["params_ema"] = {k: v.detach().cpu().clone() for k, v in params_ema.items()}
     if extra:
         ckpt.update(extra)
+    from xvr_batch.durable import atomic_path
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return file_sha256(path)
 
 
@@ -135,16 +232,21 @@ def load_checkpoint(source: str | os.PathLike | dict, ema: bool = True) -> tuple
                             "`xvr-batch convert-weights FILE --network-g CFG.yml -o OUT.pt`")
         raise UserError(f"{name}: not an xvr_batch checkpoint (no 'format' field)")
     version = ckpt.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"{name}: checkpoint format version {version!r:.40} is not valid; the file is corrupt")
+    if version > FORMAT_VERSION:
         raise UserError(f"{name}: checkpoint format version {version!r} is newer than this xvr_batch "
                         f"understands ({FORMAT_VERSION}); upgrade xvr_batch")
     if not isinstance(ckpt.get("config"), dict):
         raise UserError(f"{name}: checkpoint has no model config")
-    cfg = ModelConfig.from_dict(ckpt["config"])
-    model = build_model(cfg)
+    try:  # types, ranges and the size cap, from the config alone: nothing is allocated before this passes
+        cfg = ModelConfig.from_dict(ckpt["config"])
+    except UserError as exc:
+        raise UserError(f"{name}: {exc}; the checkpoint's config is corrupt or not for xvr_batch") from None
     key = "params_ema" if ema and "params_ema" in ckpt else "params"
     if key not in ckpt:
         raise UserError(f"{name}: checkpoint has no weights ('params' or 'params_ema')")
+    model = build_model(cfg)
     load_state_dict_strict(model, ckpt[key], f"{name} [{key}]")
     return model.eval(), ckpt
 
@@ -156,7 +258,12 @@ def load_model(source: str | os.PathLike | dict, ema: bool = True) -> SwinXVR:
 # ---------------------------------------------------------------------------------------- XFusion
 
 def xfusion_config(network_g: Mapping[str, Any], head: str = "all") -> ModelConfig:
-    """Our config from the reference's constructor kwargs (the ``network_g`` block of its YAML)."""
+    """Our config from the reference's constructor kwargs (the ``network_g`` block of its YAML).
+
+    The values are untrusted: each is type-checked (by :class:`ModelConfig`, which also applies the size caps)
+    and every problem is one :class:`UserError`."""
+    if not isinstance(network_g, Mapping):
+        raise UserError(f"network_g must be a mapping of constructor arguments, got {type(network_g).__name__}")
     g = dict(network_g)
     g.pop("type", None)
     unsupported = []
@@ -165,34 +272,38 @@ def xfusion_config(network_g: Mapping[str, Any], head: str = "all") -> ModelConf
     if g.get("adapt_deformable_conv"):
         unsupported.append("adapt_deformable_conv")
     if g.get("upsampler", "pixelshuffle") not in ("pixelshuffle",):
-        unsupported.append(f"upsampler={g.get('upsampler')!r}")
+        unsupported.append(f"upsampler={g.get('upsampler')!r:.40}")
     if g.get("resi_connection", "1conv") != "1conv":
-        unsupported.append(f"resi_connection={g.get('resi_connection')!r}")
+        unsupported.append(f"resi_connection={g.get('resi_connection')!r:.40}")
     if g.get("conv_window_size", 3) != 3:
-        unsupported.append(f"conv_window_size={g.get('conv_window_size')}")
+        unsupported.append(f"conv_window_size={g.get('conv_window_size')!r:.40}")
     if g.get("num_in_ch", 1) != 1:
-        unsupported.append(f"num_in_ch={g.get('num_in_ch')}")
-    e = int(g.get("embed_dim", 96))
-    if int(g.get("num_feat_ext", e)) != e:
+        unsupported.append(f"num_in_ch={g.get('num_in_ch')!r:.40}")
+    e = g.get("embed_dim", 96)
+    if g.get("num_feat_ext", e) != e:
         unsupported.append("num_feat_ext != embed_dim")
-    nl = int(g.get("num_frame", 3))
+    nl = g.get("num_frame", 3)
     cfi = g.get("center_frame_idx")
-    if cfi is not None and int(cfi) != nl // 2:
-        unsupported.append(f"center_frame_idx={cfi}")
+    if cfi is not None and (not isinstance(nl, int) or cfi != nl // 2):
+        unsupported.append(f"center_frame_idx={cfi!r:.40}")
     if unsupported:
         raise UserError("network_g uses options xvr_batch does not implement: " + ", ".join(unsupported))
     window = g.get("window_size", [25, 16, 16])
-    if isinstance(window, int):
+    if isinstance(window, int) and not isinstance(window, bool):
         window = [window, window, window]
-    if len(window) != 3 or window[1] != window[2]:
-        raise UserError(f"network_g window_size must be [T, ws, ws], got {window}")
-    return ModelConfig(
-        num_lr=nl, embed_dim=e, depths=tuple(g.get("depths", (6, 6, 54, 6))),
-        num_heads=tuple(g.get("num_heads", (1, 1, 1, 1))), window=int(window[1]), window_t=int(window[0]),
-        mlp_ratio=float(g.get("mlp_ratio", 4)), drop_path=float(g.get("drop_path_rate", 0.2)),
-        recon_dim=int(g.get("num_feat_rec", 64)), scale=int(g.get("upscale", 4)), head=head,
-        qkv_bias=bool(g.get("qkv_bias", True)),
-    )
+    if not isinstance(window, (list, tuple)) or len(window) != 3 or window[1] != window[2]:
+        raise UserError(f"network_g window_size must be [T, ws, ws], got {window!r:.60}")
+    seq = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731  (ModelConfig reports the rest)
+    try:
+        return ModelConfig(
+            num_lr=nl, embed_dim=e, depths=seq(g.get("depths", (6, 6, 54, 6))),
+            num_heads=seq(g.get("num_heads", (1, 1, 1, 1))), window=window[1], window_t=window[0],
+            mlp_ratio=g.get("mlp_ratio", 4.0), drop_path=g.get("drop_path_rate", 0.2),
+            recon_dim=g.get("num_feat_rec", 64), scale=g.get("upscale", 4), head=head,
+            qkv_bias=g.get("qkv_bias", True),
+        )
+    except UserError as exc:
+        raise UserError(f"network_g: {exc}") from None
 
 
 _XF_RULES = [
