@@ -1,7 +1,7 @@
 """Job scripts on a real Slurm cluster: the single-node one from tests/cluster/start-slurm.sh.
 
 Each test renders a script (with the builder or from a template), submits it with
-:func:`xvr_batch.backends.slurm.submit`, waits for it and reads its log. The program the scripts
+:func:`xvr_batch.slurm.client.submit`, waits for it and reads its log. The program the scripts
 launch is a stand-in `xvr-batch` that prints what it sees (ranks, world size, GPUs) and, when asked,
 waits for SIGUSR2/SIGTERM and records it. Every wait has a timeout.
 """
@@ -21,8 +21,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from xvr_batch.backends import slurm
-from xvr_batch.backends.slurm import JobSpec, render_job_script, render_template
+from xvr_batch.slurm import client as slurm
+from xvr_batch.slurm.script import JobSpec, render_job_script
+from xvr_batch.slurm.template import render_template, template_placeholders
 
 pytestmark = pytest.mark.slurm
 
@@ -41,7 +42,7 @@ info["argv"] = sys.argv[1:]
 if os.environ.get("XVR_STUB_MPI"):
     from mpi4py import MPI
     info["mpi_rank"], info["mpi_size"] = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-print("XVR-STUB " + json.dumps(info), flush=True)
+os.write(1, ("XVR-STUB " + json.dumps(info) + "\\n").encode())  # one write: ranks never interleave a line
 wait_dir = os.environ.get("XVR_STUB_WAIT_DIR")
 if wait_dir:
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
@@ -53,7 +54,11 @@ if wait_dir:
     while not got and time.monotonic() < deadline:
         time.sleep(0.05)
     Path(wait_dir, "signal-" + rank).write_text(",".join(got) or "none")
-    sys.exit(0 if got else 3)
+    code = int(os.environ.get("XVR_STUB_EXIT", "0")) if got else 3
+    if code == 75 and os.environ.get("XVR_STOP_MARKER"):  # what xvr-batch does on a clean stop
+        Path(os.environ["XVR_STOP_MARKER"]).write_text("75")
+    time.sleep(0.3 * int(rank))  # ranks end at different times, as real ones do
+    sys.exit(code)
 """
 
 
@@ -89,7 +94,7 @@ def stub_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     stub.write_text(STUB.format(python=sys.executable))
     stub.chmod(stub.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    for key in ("XVR_STUB_MPI", "XVR_STUB_WAIT_DIR", "XVR_PYTHON"):
+    for key in ("XVR_STUB_MPI", "XVR_STUB_WAIT_DIR", "XVR_PYTHON", "XVR_STUB_EXIT"):
         monkeypatch.delenv(key, raising=False)
     return tmp_path
 
@@ -170,7 +175,7 @@ TEMPLATE_RESOURCES = {"job_name": "xvr-ci", "nodes": 1, "ntasks_per_node": 2, "g
 
 
 def render(name: str, **values: object) -> str:
-    wanted = slurm.template_placeholders(name)
+    wanted = template_placeholders(name)
     return render_template(name, **{key: value for key, value in {**TEMPLATE_RESOURCES, **values}.items() if key in wanted})
 
 
@@ -203,14 +208,25 @@ def test_template_multinode_srun_mpi(stub_env: Path, jobs: list[str], monkeypatc
     assert {report["mpi_size"] for report in reports} == {2}
 
 
-def test_template_train_ddp(stub_env: Path, jobs: list[str]) -> None:
+def test_template_train_ddp_really_trains(tmp_path: Path, jobs: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real `xvr-batch train` with real flags: srun -> torchrun -> 2 DDP ranks; the checkpoint loads."""
+    from xvr_batch.model import SwinXVR, load_checkpoint
+    from xvr_batch.synth import synthesize
+
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("XVR_PYTHON", raising=False)
+    data = tmp_path / "train a.h5"
+    synthesize(str(data), seed=1, families="particles", n_frames=40, hr_shape=(64, 64), stride=10)
+    out = tmp_path / "model out.pt"
     script = render("train-ddp-multinode", python=sys.executable, nproc_per_node=2, cpus_per_task=2,
-                    train_args=["--epochs", "1"])
-    state, log, reports = finish(submit(script, stub_env, jobs), stub_env)
+                    train_args=[str(data), "-o", str(out), "--preset", "tiny", "--steps", "3", "--batch", "2",
+                                "--crop", "16", "--val-every", "1000", "--ckpt-every", "1000", "--device", "cpu", "-q"])
+    state, log, _ = finish(submit(script, tmp_path, jobs), tmp_path)
     assert state == "COMPLETED", log
-    assert sorted(report["RANK"] for report in reports) == ["0", "1"], log
-    assert {report["WORLD_SIZE"] for report in reports} == {"2"}
-    assert reports[0]["argv"] == ["train", "--epochs", "1"]
+    model, ckpt = load_checkpoint(out)
+    assert isinstance(model, SwinXVR) and ckpt["step"] == 3
+    assert ckpt["meta"]["hardware"]["world_size"] == 2, log
 
 
 def test_template_dask_worker_joins_scheduler_and_stops_on_term(stub_env: Path, jobs: list[str]) -> None:
@@ -290,6 +306,7 @@ def test_clean_stop_on_the_warning_requeues_the_job(stub_env: Path, jobs: list[s
     wait_dir = stub_env / "signals"
     wait_dir.mkdir()
     monkeypatch.setenv("XVR_STUB_WAIT_DIR", str(wait_dir))
+    monkeypatch.setenv("XVR_STUB_EXIT", "75")  # a clean stop, as xvr-batch reports it
     job_id = submit(render_job_script(JobSpec(requeue=True), ["xvr-batch"], launcher="none"), stub_env, jobs)
     ask_to_stop(job_id, wait_dir, 1)
 
@@ -303,3 +320,43 @@ def test_clean_stop_on_the_warning_requeues_the_job(stub_env: Path, jobs: list[s
     assert slurm.wait_for_job(job_id, poll=POLL, timeout=JOB_TIMEOUT) == "CANCELLED"
     log = (stub_env / f"xvr-{job_id}.out").read_text()
     assert "requeueing job" in log
+
+
+def restarts(job_id: str) -> int:
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    return int(shown.split("Restarts=")[1].split()[0]) if "Restarts=" in shown else -1
+
+
+@pytest.mark.parametrize(
+    ("launcher", "spec"),
+    [("torch", JobSpec(gpus_per_node=2)), ("mpi", JobSpec(ntasks_per_node=2))],
+    ids=["torchrun", "srun-kill-on-bad-exit"],
+)
+def test_a_stop_with_status_75_requeues_through_launchers_that_lose_it(
+    launcher: str, spec: JobSpec, stub_env: Path, jobs: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun reports the ranks' 75 as 1, srun as 143: the stop marker still makes it a requeue."""
+    wait_dir = stub_env / "signals"
+    wait_dir.mkdir()
+    monkeypatch.setenv("XVR_STUB_WAIT_DIR", str(wait_dir))
+    monkeypatch.setenv("XVR_STUB_EXIT", "75")
+    monkeypatch.setenv("XVR_PYTHON", sys.executable)
+    job_id = submit(render_job_script(spec, ["xvr-batch", "reconstruct", "a.h5"], launcher=launcher), stub_env, jobs)
+    ask_to_stop(job_id, wait_dir, 2)
+    wait_until(lambda: restarts(job_id) >= 1, f"job {job_id} to be requeued")
+    slurm.cancel(job_id)
+    slurm.wait_for_job(job_id, poll=POLL, timeout=JOB_TIMEOUT)
+    log = (stub_env / f"xvr-{job_id}.out").read_text()
+    assert "stopped cleanly (exit status 75)" in log and "requeueing job" in log, log
+
+
+def test_a_failure_is_not_requeued(stub_env: Path, jobs: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    wait_dir = stub_env / "signals"
+    wait_dir.mkdir()
+    monkeypatch.setenv("XVR_STUB_WAIT_DIR", str(wait_dir))
+    monkeypatch.setenv("XVR_STUB_EXIT", "1")
+    job_id = submit(render_job_script(JobSpec(ntasks_per_node=2), ["xvr-batch"], launcher="mpi"), stub_env, jobs)
+    ask_to_stop(job_id, wait_dir, 2)
+    state, log, _ = finish(job_id, stub_env)
+    assert state == "FAILED" and restarts(job_id) in (0, -1), log
+    assert "requeueing" not in log

@@ -17,19 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from xvr_batch.backends import slurm
-from xvr_batch.backends.slurm import (
-    LAUNCHERS,
-    SIGNAL_BLOCK,
-    WAIT_BLOCK,
-    JobSpec,
-    render_job_script,
+from xvr_batch.slurm import client
+from xvr_batch.slurm.script import LAUNCHERS, JobSpec, job_name_for, render_job_script, sbatch_directives, validate_spec
+from xvr_batch.slurm.shell import BLOCKS, marker_line, rendezvous_block, stop_block
+from xvr_batch.slurm.template import (
     render_template,
-    sbatch_directives,
     template_names,
     template_placeholders,
+    template_text,
     templates_dir,
-    validate_spec,
 )
 from xvr_batch.errors import UserError
 
@@ -169,6 +165,11 @@ def test_extra_directives_no_requeue_custom_output_and_signal() -> None:
     assert "600 s before the time limit Slurm sends SIGUSR1" in script
 
 
+def test_output_path_with_spaces_is_quoted_for_sbatch() -> None:
+    spec = JobSpec(output="/data/run 42 (test).h5.slurm-%j.log")
+    assert '#SBATCH --output="/data/run 42 (test).h5.slurm-%j.log"' in sbatch_lines(render_job_script(spec, ["true"], "none"))
+
+
 def test_no_signal_line_when_signal_is_none() -> None:
     script = render_job_script(JobSpec(signal=None), ["true"], launcher="none")
     assert not any("--signal" in line for line in sbatch_lines(script))
@@ -184,7 +185,7 @@ def test_directives_precede_commands_and_blocks_are_shared(launcher: str) -> Non
     assert lines[0] == "#!/bin/bash"
     first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
     assert all(not line.startswith("#SBATCH") for line in lines[first_command:])
-    assert SIGNAL_BLOCK in script and WAIT_BLOCK in script
+    assert stop_block() in script and script.rstrip().endswith("&\nxvr_finish $!")
     assert "module load cuda\n" in script and "export OMP_NUM_THREADS=4\n" in script
     assert "cd -- /w\n" in script
 
@@ -237,7 +238,8 @@ def test_good_time_formats(time_limit: str) -> None:
         (JobSpec(account="$(id)"), "account"),
         (JobSpec(job_name="a b"), "job name"),
         (JobSpec(job_name="x\n#SBATCH --uid=0"), "line break"),
-        (JobSpec(output="log-%j.out; rm"), "output"),
+        (JobSpec(output='log-%j".out'), "output"),
+        (JobSpec(output="log\\%j.out"), "output"),
         (JobSpec(output="a\0b"), "NUL"),
         (JobSpec(extra_directives=["--qos=high\n#SBATCH --uid=0"]), "line break"),
         (JobSpec(extra_directives=["--qos=high\r--x"]), "line break"),
@@ -361,7 +363,7 @@ def template_values(name: str, fakebin: Path) -> dict[str, object]:
         "out_h5": "/data/out.h5",
         "extra_args": ["--dtype", "uint16"],
         "nproc_per_node": 2,
-        "train_args": ["--epochs", "1"],
+        "train_args": ["--steps", "4", "-o", "/data/m.pt", "/data/a.h5"],
         "scheduler": "tcp://127.0.0.1:8786",
         "cores": 2,
         "memory": "2G",
@@ -379,22 +381,24 @@ def template_values(name: str, fakebin: Path) -> dict[str, object]:
 
 def test_template_list() -> None:
     assert template_names() == TEMPLATES
-    assert templates_dir() == REPO / "slurm"
+    assert templates_dir() == REPO / "xvr_batch" / "slurm" / "templates"
 
 
-def test_package_copy_of_templates_is_identical() -> None:
-    """xvr_batch/templates/ ships the same files as slurm/ (for installs without a checkout)."""
-    package = REPO / "xvr_batch" / "templates"
-    for name in TEMPLATES + ["README.md"]:
-        assert (package / name).read_bytes() == (REPO / "slurm" / name).read_bytes(), name
+def test_slurm_folder_is_a_link_to_the_only_copy() -> None:
+    """slurm/ in the checkout is a symlink to the package's templates: one copy, no drift."""
+    assert (REPO / "slurm").is_symlink()
+    assert (REPO / "slurm").resolve() == templates_dir()
+    assert not (REPO / "xvr_batch" / "templates").exists()
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_template_renders_and_passes_bash_n(name: str, tmp_path: Path, sandbox: dict[str, str]) -> None:
     raw = (templates_dir() / name).read_text()
-    assert SIGNAL_BLOCK in raw and WAIT_BLOCK in raw, "the template drifted from the builder's shell code"
+    assert marker_line("stop-requeue") + "\n" in raw and "xvr_finish $!\n" in raw
+    assert "xvr_forward()" not in raw and "MASTER_PORT=" not in raw, "shared shell code is copied, not spliced"
     fakebin = Path(sandbox["PATH"].split(os.pathsep)[0])
     text = render_template(name, **template_values(name, fakebin))
+    assert stop_block() in text and "@xvr-batch-block" not in text
     code = [line for line in text.splitlines() if line.startswith("#SBATCH") or not line.lstrip().startswith("#")]
     assert not [line for line in code if re.search(r"\$\{?[a-z]", line)], "a placeholder was left unfilled"
     assert "#SBATCH --gres=gpu:2" in text and "#SBATCH --partition=debug" in text
@@ -484,7 +488,7 @@ def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_submit_writes_script_and_returns_job_id(tmp_path: Path, fake_slurm: Path) -> None:
     workdir = tmp_path / "work dir"
-    job_id = slurm.submit("#!/bin/bash\ntrue", str(workdir))
+    job_id = client.submit("#!/bin/bash\ntrue", str(workdir))
     assert job_id == "4242"
     assert (workdir / "job.sbatch").read_text() == "#!/bin/bash\ntrue\n"
     assert fake_slurm.read_text() == f"sbatch --parsable {workdir / 'job.sbatch'}\n"
@@ -493,37 +497,37 @@ def test_submit_writes_script_and_returns_job_id(tmp_path: Path, fake_slurm: Pat
 def test_submit_errors(tmp_path: Path) -> None:
     failing = write_exe(tmp_path / "sbatch-fails", "#!/bin/bash\necho 'sbatch: error: invalid partition specified: nope' >&2\nexit 1\n")
     with pytest.raises(UserError, match="invalid partition specified: nope"):
-        slurm.submit("#!/bin/bash\n", str(tmp_path / "w"), sbatch=str(failing))
+        client.submit("#!/bin/bash\n", str(tmp_path / "w"), sbatch=str(failing))
     with pytest.raises(UserError, match="not found"):
-        slurm.submit("#!/bin/bash\n", str(tmp_path / "w"), sbatch=str(tmp_path / "no-such-sbatch"))
+        client.submit("#!/bin/bash\n", str(tmp_path / "w"), sbatch=str(tmp_path / "no-such-sbatch"))
 
 
 def test_job_state_squeue_then_scontrol(fake_slurm: Path) -> None:
-    assert slurm.job_state("1") == "RUNNING"
-    assert slurm.job_state("2") == "COMPLETED"  # gone from squeue, still known to scontrol
-    assert slurm.job_state("3") is None  # purged
+    assert client.job_state("1") == "RUNNING"
+    assert client.job_state("2") == "COMPLETED"  # gone from squeue, still known to scontrol
+    assert client.job_state("3") is None  # purged
     with pytest.raises(UserError, match="not a Slurm job id"):
-        slurm.job_state("1; rm -rf /")
+        client.job_state("1; rm -rf /")
 
 
 def test_wait_for_job_follows_states(monkeypatch: pytest.MonkeyPatch) -> None:
     states = iter(["PENDING", "RUNNING", "COMPLETING", "CANCELLED+"])
-    monkeypatch.setattr(slurm, "job_state", lambda job_id: next(states))
+    monkeypatch.setattr(client, "job_state", lambda job_id: next(states))
     seen: list[object] = []
-    assert slurm.wait_for_job("7", poll=0, on_poll=seen.append) == "CANCELLED"
+    assert client.wait_for_job("7", poll=0, on_poll=seen.append) == "CANCELLED"
     assert seen == ["PENDING", "RUNNING", "COMPLETING", "CANCELLED+"]
-    monkeypatch.setattr(slurm, "job_state", lambda job_id: None)
-    assert slurm.wait_for_job("7", poll=0) == "UNKNOWN"
-    monkeypatch.setattr(slurm, "job_state", lambda job_id: "PENDING")
+    monkeypatch.setattr(client, "job_state", lambda job_id: None)
+    assert client.wait_for_job("7", poll=0) == "UNKNOWN"
+    monkeypatch.setattr(client, "job_state", lambda job_id: "PENDING")
     with pytest.raises(UserError, match="still PENDING"):
-        slurm.wait_for_job("7", poll=0.01, timeout=0.05)
+        client.wait_for_job("7", poll=0.01, timeout=0.05)
 
 
 def test_cancel_arguments(fake_slurm: Path) -> None:
-    slurm.cancel("5")
-    slurm.cancel("5", signal="USR2")
-    slurm.cancel("5", signal="SIGTERM", target="full")
-    slurm.cancel("5", signal="USR1", target="steps")
+    client.cancel("5")
+    client.cancel("5", signal="USR2")
+    client.cancel("5", signal="SIGTERM", target="full")
+    client.cancel("5", signal="USR1", target="steps")
     assert fake_slurm.read_text().splitlines() == [
         "scancel 5",
         "scancel --signal=USR2 --batch 5",
@@ -531,13 +535,14 @@ def test_cancel_arguments(fake_slurm: Path) -> None:
         "scancel --signal=USR1 5",
     ]
     with pytest.raises(UserError, match="signal"):
-        slurm.cancel("5", signal="USR2; reboot")
+        client.cancel("5", signal="USR2; reboot")
     with pytest.raises(UserError, match="target"):
-        slurm.cancel("5", signal="USR2", target="node")
+        client.cancel("5", signal="USR2", target="node")
 
 
 def test_module_runs_without_slurm_installed() -> None:
     """Rendering needs no Slurm tools: it is pure Python."""
-    code = "from xvr_batch.backends.slurm import *; print(len(render_job_script(JobSpec(), ['true'], 'none')) > 0)"
+    code = ("import sys; from xvr_batch.slurm import *; "
+            "print(len(render_job_script(JobSpec(), ['true'], 'none')) > 0, 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], env={"PATH": "/nonexistent"}, capture_output=True, text=True, cwd=REPO)
-    assert result.stdout.strip() == "True", result.stderr
+    assert result.stdout.strip() == "True False", result.stderr

@@ -1,4 +1,4 @@
-"""Training and fine-tuning of SWIN-XVR on archives with dense ground truth (DESIGN.md section 2).
+"""Training and fine-tuning of SWIN-XVR on archives with dense ground truth.
 
 Usage
 -----
@@ -95,6 +95,15 @@ full options file with a ``network_g`` key). The architecture then comes from th
 ``head``, ``drop_path`` and ``num_lr`` may override it (a different ``num_lr`` only fits when the
 temporal window is explicit).
 
+Stopping and requeue
+--------------------
+SIGUSR2 or SIGTERM (a Slurm time-limit warning, a preemption) asks the run to stop: every rank finishes
+its current step, the ranks agree on the step (an ``all_reduce`` of the request after each step), the
+exact-resume checkpoint ``<out>.last.pt`` is written (temporary name, fsync, rename) and
+:class:`TrainingStopped` is raised (``xvr-batch train`` exits with status 75). When ``<out>.last.pt``
+exists and ``resume`` is not given, a run resumes from it automatically, provided it was written by a
+run with the same options; otherwise it refuses and says how to start over.
+
 Determinism
 -----------
 Sample ``i`` of step ``s`` on rank ``r`` is drawn from ``numpy.random.default_rng([seed, r, s * B + i])``
@@ -113,7 +122,9 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,17 +136,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xvr_batch import __version__
-from xvr_batch.errors import UserError
+from xvr_batch.durable import sha256_file
+from xvr_batch.errors import EXIT_STOPPED, UserError
 from xvr_batch.io.archive import Archive
 from xvr_batch.model.checkpoint import (
-    FORMAT, file_sha256, from_xfusion, load_checkpoint, load_state_dict_strict, read_untrusted, save_checkpoint,
+    FORMAT, from_xfusion, load_checkpoint, load_state_dict_strict, read_untrusted, save_checkpoint,
 )
 from xvr_batch.model.config import ModelConfig, preset
 from xvr_batch.model.swin_xvr import SwinXVR
 from xvr_batch.normalise import Calibration, Normalisation, fit_normalisation
 from xvr_batch.plan import plan_windows, reflect
 
-__all__ = ["TrainOptions", "run_training", "options_from_dict", "last_checkpoint_path", "DistEnv",
+__all__ = ["TrainOptions", "TrainingStopped", "run_training", "options_from_dict", "last_checkpoint_path", "DistEnv",
            "detect_dist_env", "TrainSamples", "main"]
 
 #: Environment variable that turns on the per-rank debug report (same as ``TrainOptions.debug_report``).
@@ -252,6 +264,79 @@ def last_checkpoint_path(out: str | os.PathLike) -> str:
     out = os.fspath(out)
     base = out[:-3] if out.endswith(".pt") else out
     return base + ".last.pt"
+
+
+class TrainingStopped(Exception):
+    """Training stopped cleanly on SIGUSR2/SIGTERM; ``path`` holds the exact-resume checkpoint.
+
+    ``xvr-batch train`` maps it to exit status :data:`xvr_batch.errors.EXIT_STOPPED` (75). Running the
+    same command again continues from ``path`` (see :func:`run_training`).
+    """
+
+    exit_code = EXIT_STOPPED
+
+    def __init__(self, step: int, steps: int, path: str):
+        self.step, self.steps, self.path = step, steps, path
+        super().__init__(f"training stopped on request at step {step}/{steps}; the checkpoint {path} holds "
+                         "everything to continue: run the same command again")
+
+
+#: What makes a run the same run: the trajectory options, the schedule and the model.
+_RUN_IDENTITY = ("steps", "preset", "head", "num_lr", "init", "drop_path")
+
+
+def _run_identity(options: Mapping[str, Any]) -> dict[str, Any]:
+    keys = _TRAJECTORY_OPTIONS + _RUN_IDENTITY
+    ident = {k: options.get(k) for k in keys}
+    for k in ("betas", "dose_range"):
+        if ident[k] is not None:
+            ident[k] = [float(x) for x in ident[k]]
+    ident["archives"] = [os.path.abspath(os.fspath(a)) for a in options.get("archives") or []]
+    return ident
+
+
+def _auto_resume(opts: TrainOptions, log: Callable[[str], None]) -> TrainOptions:
+    """``opts`` resuming from ``<out>.last.pt`` when that exists and ``resume`` is not given.
+
+    The checkpoint must come from a run with the same options (:data:`_RUN_IDENTITY` and the
+    trajectory options, and the same archives); otherwise a :class:`UserError` says how to start over.
+    """
+    last = last_checkpoint_path(opts.out)
+    if opts.resume or not os.path.isfile(last):
+        return opts
+    ckpt = read_untrusted(last)
+    recorded = ckpt.get("train_options") if isinstance(ckpt, dict) else None
+    if not isinstance(recorded, dict) or "step" not in ckpt or "optimizer" not in ckpt:
+        raise UserError(f"{last}: is not a training checkpoint of this run; delete it (or choose another --out) "
+                        "to start over")
+    before, now = _run_identity(recorded), _run_identity(opts.to_dict())
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in before if before[k] != now[k]]
+    if changed:
+        raise UserError(f"{last}: a stopped run with other options is waiting here ({'; '.join(changed[:3])}); "
+                        f"run it with its own options to continue it, or delete {last} to start over")
+    log(f"resume: continuing the stopped run from {last} (step {int(ckpt['step'])}/{opts.steps}); "
+        f"delete it to start over")
+    return dataclasses.replace(opts, resume=last)
+
+
+class _StopSignals:
+    """SIGUSR2/SIGTERM set :attr:`flag` while training runs; the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __enter__(self) -> "_StopSignals":
+        from xvr_batch.backends.base import StopFlag
+
+        self.flag = StopFlag()
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+            self.flag.install(self.SIGNALS)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_options(o: TrainOptions) -> None:
@@ -771,7 +856,7 @@ def _build_model(opts: TrainOptions, log: Callable[[str], None]) -> tuple[SwinXV
     load_state_dict_strict(model, src.state_dict(), f"{path} (init)")
     log(f"init: {kind} weights from {path} ({cfg.embed_dim}-wide, depths {list(cfg.depths)}, NL={cfg.num_lr}, "
         f"head {cfg.head})")
-    return model, {"path": os.path.abspath(path), "kind": kind, "sha256": file_sha256(path)}
+    return model, {"path": os.path.abspath(path), "kind": kind, "sha256": sha256_file(path)}
 
 
 #: Options that change the trajectory of a run; a resume with other values is not the run it continues.
@@ -810,6 +895,7 @@ def run_training(opts: TrainOptions, log: Callable[[str], None] = print) -> str:
     (``opts.out``, or ``<out>.last.pt`` when ``stop_at`` ended the run early)."""
     _check_options(opts)
     dist_env = detect_dist_env()
+    opts = _auto_resume(opts, log if dist_env.is_main else (lambda _msg: None))
     device = _resolve_device(opts, dist_env)
     distributed = dist_env.world_size > 1
     if opts.batch % dist_env.world_size:
@@ -818,7 +904,8 @@ def run_training(opts: TrainOptions, log: Callable[[str], None] = print) -> str:
     if distributed:
         _init_process_group(dist_env, device)
     try:
-        return _train(opts, dist_env, device, log if dist_env.is_main else (lambda _msg: None))
+        with _StopSignals() as stop:
+            return _train(opts, dist_env, device, log if dist_env.is_main else (lambda _msg: None), stop.flag)
     finally:
         if distributed:
             import torch.distributed as dist
@@ -827,7 +914,8 @@ def run_training(opts: TrainOptions, log: Callable[[str], None] = print) -> str:
                 dist.destroy_process_group()
 
 
-def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Callable[[str], None]) -> str:
+def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Callable[[str], None],
+           stop_flag: Callable[[], bool] = lambda: False) -> str:
     import torch.distributed as dist
 
     distributed = dist_env.world_size > 1
@@ -991,6 +1079,14 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
         save_checkpoint(path, model, params_ema=ema_model.state_dict(), meta=meta(step, final_val), extra=extra)
         checkpoints_written += 1
 
+    def stop_requested() -> bool:
+        """Whether any rank was asked to stop; a collective when distributed, so all agree on the step."""
+        if not distributed:
+            return stop_flag()
+        flag = torch.tensor([1.0 if stop_flag() else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def validate(step: int) -> dict[str, Any] | None:
         nonlocal last_val
         if validator is None or not validator:
@@ -1015,6 +1111,7 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
     interval_sum, interval_n = 0.0, 0
     t_interval = time.time()
     step = start_step
+    stopped = False
     try:
         for batch in loader:
             step += 1
@@ -1053,6 +1150,9 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
                 validate(step)
             if opts.ckpt_every and step % opts.ckpt_every == 0 and step < stop:
                 write(last_path, step, None)
+            if step < stop and stop_requested():
+                stopped = True
+                break
     finally:
         if bar is not None:
             bar.close()
@@ -1060,6 +1160,15 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
         dataset.close()
 
     # ---------------------------------------------------------------- the end
+    if stopped:  # on request (SIGUSR2/SIGTERM): the exact-resume checkpoint, then a status-75 stop
+        write(last_path, step, None)
+        log(f"stopped on request at step {step}/{opts.steps}; wrote {last_path}; run the same command to continue")
+        from xvr_batch.slurm.stopmark import record_stopped
+
+        record_stopped()
+        if distributed:
+            dist.barrier()
+        raise TrainingStopped(step, opts.steps, last_path)
     if step < opts.steps:  # stopped early: an intermediate checkpoint to resume from
         write(last_path, step, None)
         log(f"stopped at step {step}/{opts.steps}; resume with resume={last_path}")
@@ -1132,6 +1241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return UserError.exit_code
+    except TrainingStopped as exc:
+        print(str(exc), file=sys.stderr)
+        return TrainingStopped.exit_code
     return 0
 
 

@@ -3,34 +3,42 @@
 The job runs the same ``reconstruct`` command inside the allocation, with ``--backend torch`` (torchrun
 on one node, srun across nodes) or ``--backend mpi`` (srun --mpi=pmi2). Its options travel in a TOML file
 in the work directory (``submit.toml``), so the job script stays short and every value is quoted once.
-``--dry-run`` prints the script; ``--wait`` follows the job to its end, with a progress bar fed from the
-manifest. The job script comes from the one builder in :mod:`xvr_batch.backends.slurm`.
+``--dry-run`` prints the script; ``--wait`` follows the job to its end (:func:`xvr_batch.slurm.client.follow_job`).
+
+The job is requeueable, and every run of it reads the same ``submit.toml``. So ``--force-replan`` is
+applied once, here, when the job is submitted: the earlier plan is discarded (under the work-directory
+lock) and the job's options do not carry the flag, so that a requeued run resumes instead of starting over.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import re
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from xvr_batch.backends.slurm import JobSpec, job_state, render_job_script, submit, validate_spec
+import tomli_w
+
 from xvr_batch.errors import UserError
-from xvr_batch.pipeline import Options
+from xvr_batch.pipeline import Options, check_output_target
+from xvr_batch.slurm.client import submit
+from xvr_batch.slurm.script import JOB_NAME_MAX, JobSpec, job_name_for, render_job_script, validate_spec
 
-__all__ = ["slurm_log", "SubmitOptions", "job_command", "render_submission", "submit_reconstruct", "follow_job"]
+__all__ = ["SubmitOptions", "discard_plan", "job_command", "options_toml", "render_submission", "slurm_log",
+           "submit_reconstruct"]
 
-_FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY",
-          "BOOT_FAIL", "DEADLINE", "UNKNOWN"}
-# Options that only make sense on the submitting side.
-_LOCAL_ONLY = {"archive", "output"}
+# Options that only make sense on the submitting side, or only once (see the module docstring).
+_NOT_IN_JOB = {"archive", "output", "force_replan"}
+_JOB_NAME_RE = re.compile(rf"^[A-Za-z0-9._-]{{1,{JOB_NAME_MAX}}}$")
 
 
 @dataclass
 class SubmitOptions:
+    """What ``--nodes N`` and the other Slurm flags of ``reconstruct`` ask for."""
+
     nodes: int = 1
     gpus_per_node: int = 0
     partition: str | None = None
@@ -42,6 +50,7 @@ class SubmitOptions:
     extra_directives: list[str] = field(default_factory=list)
     setup: list[str] = field(default_factory=list)
     job_name: str | None = None
+    """``--job-name``; by default derived from the archive's file name (:func:`job_name_for`)."""
 
 
 def slurm_log(output: str | Path, job_id: str) -> str:
@@ -50,26 +59,17 @@ def slurm_log(output: str | Path, job_id: str) -> str:
     return str(out.with_name(f"{out.name}.slurm-{job_id}.log"))
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    raise TypeError(f"cannot write {value!r} to TOML")
-
-
-def _options_toml(opts: Options) -> str:
-    lines = ["# Options of the submitted reconstruct run (written by xvr-batch; keys mirror the flags)."]
-    lines.append("[reconstruct]")
+def options_toml(opts: Options) -> str:
+    """The job's ``submit.toml``: the options that differ from the defaults, as ``[reconstruct]`` keys."""
     defaults = Options(archive="", output="")
+    table: dict[str, Any] = {}
     for f in fields(Options):
         value = getattr(opts, f.name)
-        if f.name in _LOCAL_ONLY or value is None or value == getattr(defaults, f.name):
+        if f.name in _NOT_IN_JOB or value is None or value == getattr(defaults, f.name):
             continue
-        lines.append(f"{f.name.replace('_', '-')} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
+        table[f.name.replace("_", "-")] = value
+    header = "# Options of the submitted reconstruct run (written by xvr-batch; keys mirror the flags).\n"
+    return header + tomli_w.dumps({"reconstruct": table})
 
 
 def _launcher_executable() -> str:
@@ -78,9 +78,18 @@ def _launcher_executable() -> str:
 
 
 def job_command(opts: Options, sub: SubmitOptions, config_path: Path) -> list[str]:
+    """The command every rank of the job runs."""
     backend = "torch" if sub.launcher == "torch" else "mpi"
     return [_launcher_executable(), "reconstruct", str(Path(opts.archive).resolve()), "-o",
             str(Path(opts.output).resolve()), "--config", str(config_path), "--backend", backend, "-q"]
+
+
+def _job_name(opts: Options, sub: SubmitOptions) -> str:
+    if sub.job_name is None:
+        return job_name_for(Path(opts.archive).stem)
+    if not _JOB_NAME_RE.match(sub.job_name):
+        raise UserError(f"--job-name {sub.job_name!r}: use 1 to {JOB_NAME_MAX} letters, digits and . _ - only")
+    return sub.job_name
 
 
 def render_submission(opts: Options, sub: SubmitOptions) -> tuple[str, str, Path]:
@@ -92,7 +101,7 @@ def render_submission(opts: Options, sub: SubmitOptions) -> tuple[str, str, Path
     opts.output = str(Path(opts.output).resolve())
     wd = Path(opts.workdir)
     spec = JobSpec(
-        job_name=sub.job_name or f"xvr-{Path(opts.archive).stem}"[:60], nodes=sub.nodes,
+        job_name=_job_name(opts, sub), nodes=sub.nodes,
         gpus_per_node=sub.gpus_per_node, partition=sub.partition, account=sub.account, time=sub.time,
         cpus_per_task=sub.cpus_per_task, mem=sub.mem, output=slurm_log(opts.output, "%j"),
         extra_directives=list(sub.extra_directives), setup=list(sub.setup), workdir=str(Path.cwd()),
@@ -100,60 +109,51 @@ def render_submission(opts: Options, sub: SubmitOptions) -> tuple[str, str, Path
     )
     validate_spec(spec)
     script = render_job_script(spec, job_command(opts, sub, wd / "submit.toml"), launcher=sub.launcher)
-    return script, _options_toml(opts), wd
+    return script, options_toml(opts), wd
+
+
+def discard_plan(workdir: Path) -> bool:
+    """``--force-replan`` at submission: drop the plan in ``workdir`` (under its lock); True if there was one.
+
+    Only ``manifest.json`` is removed: the job's first run then plans afresh on its own node (with the
+    device it really has), and planning removes the old journal and parts. A live run holding the
+    lock is refused with a :class:`UserError` naming it.
+    """
+    from xvr_batch.durable import fsync_dir
+    from xvr_batch.workdir import WorkDir
+
+    wd = WorkDir(workdir)
+    if not wd.exists():
+        return False
+    with wd.lock():
+        try:
+            os.unlink(wd.manifest_path)
+        except FileNotFoundError:
+            return False
+        fsync_dir(wd.path)
+    return True
 
 
 def submit_reconstruct(opts: Options, sub: SubmitOptions, dry_run: bool = False,
                        echo: Callable[[str], None] = print) -> str | None:
     """Render and (unless ``dry_run``) submit; returns the job id."""
-    from xvr_batch.pipeline import _check_output_target
-    _check_output_target(opts)
+    check_output_target(opts)
     script, toml, wd = render_submission(opts, sub)
     if dry_run:
-        echo(script)
+        echo(script.rstrip("\n"))
         echo(f"# --- {wd / 'submit.toml'} ---")
         echo(toml.rstrip())
+        if opts.force_replan:
+            echo(f"# --force-replan: on submission the earlier plan in {wd} is discarded (not in a dry run)")
         return None
     if not shutil.which("sbatch"):
         raise UserError("sbatch not found: --nodes submits a Slurm job; run on a login node, or drop --nodes "
                         "to run here")
+    if opts.force_replan and discard_plan(wd):
+        echo(f"--force-replan: discarded the earlier plan in {wd}; the job plans afresh")
     wd.mkdir(parents=True, exist_ok=True)
     (wd / "submit.toml").write_text(toml)
     job_id = submit(script, str(wd))
     echo(f"submitted Slurm job {job_id}; work directory {wd}; log {slurm_log(opts.output, job_id)}")
     echo(f"follow it with: xvr-batch status {wd}")
     return job_id
-
-
-def follow_job(job_id: str, workdir: Path, output: Path, poll: float = 2.0, progress: bool = True) -> str:
-    """Wait for the job to end, showing frames done from the manifest; return the final state."""
-    from tqdm import tqdm
-
-    from xvr_batch.workdir import WorkDir
-    wd = WorkDir(workdir)
-    bar = None
-    state = "PENDING"
-    try:
-        while True:
-            state = job_state(job_id) or "UNKNOWN"
-            if wd.exists():
-                try:
-                    st = wd.status()
-                except UserError:
-                    st = None
-                if st is not None:
-                    if bar is None:
-                        bar = tqdm(total=st["n_frames"], unit="frame", desc=f"job {job_id}", disable=not progress)
-                    bar.n = st["frames_done"]
-                    bar.set_postfix_str(state.lower())
-                    bar.refresh()
-            if state.split()[0] in _FINAL or (state == "UNKNOWN" and output.exists()):
-                break
-            time.sleep(poll)
-    finally:
-        if bar is not None:
-            if output.exists():
-                bar.n = bar.total
-                bar.refresh()
-            bar.close()
-    return state
