@@ -1,11 +1,20 @@
-"""Shared fixtures: small real archives on disk and a tiny checkpoint, so pipeline tests stay fast."""
+"""Shared fixtures: small real archives on disk and a tiny checkpoint, so pipeline tests stay fast.
+
+Also: ``run_cli`` (the command line in-process), and under ``CI=true`` a skip is a failure unless the
+test is marked ``@pytest.mark.may_skip_in_ci(reason=...)``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import subprocess
 import sys
+import traceback
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -15,6 +24,108 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+#: The shared reference data (fixtures/xfusion_parity_small.pt, ...): $XVR_SHARED, else ../shared.
+SHARED = Path(os.environ.get("XVR_SHARED", REPO.parent / "shared"))
+
+
+# ------------------------------------------------------------------------------------------ CI: no silent skips
+
+def in_ci() -> bool:
+    """True when the tests run on CI (``CI=true``, as GitHub Actions, GitLab and .ci/run set it)."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "may_skip_in_ci(reason): this test may skip on CI's machine too, for the reason given (e.g. root "
+        "that cannot drop privileges); without it, a skip under CI=true is reported as a failure")
+
+
+def _skip_reason(report) -> str:
+    lr = report.longrepr
+    if isinstance(lr, tuple) and len(lr) == 3:  # (path, line, "Skipped: why")
+        where = f" ({lr[0]}:{lr[1]})"
+        return str(lr[2]).removeprefix("Skipped: ") + where
+    return str(lr)
+
+
+def _fail_instead_of_skip(report, what: str) -> None:
+    report.outcome = "failed"
+    report.longrepr = (f"skipped under CI=true, which needs every service and the shared fixture "
+                       f"(a legitimate skip takes @pytest.mark.may_skip_in_ci(reason=...)): {what}: "
+                       f"{_skip_reason(report)}")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)  # outermost: runs after the xfail plugin has marked its reports
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or hasattr(report, "wasxfail") or not in_ci():
+        return
+    marker = item.get_closest_marker("may_skip_in_ci")
+    if marker is not None and (marker.kwargs.get("reason") or marker.args):
+        return
+    _fail_instead_of_skip(report, f"{item.nodeid} ({report.when})"
+                          + (" [may_skip_in_ci needs a reason]" if marker is not None else ""))
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_make_collect_report(collector):
+    """A module-level skip (``pytest.importorskip`` at import time, ``allow_module_level``) fails in CI too."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and in_ci():
+        _fail_instead_of_skip(report, f"collecting {report.nodeid}")
+
+
+# ------------------------------------------------------------------------------------------ the CLI in-process
+
+@dataclass
+class Result:
+    """What a command run through :func:`run_cli` left: its exit code, stdout and stderr."""
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """``run_cli(*args) -> Result``: run ``xvr_batch.cli.main(args)`` in this process.
+
+    ``main`` exits with ``SystemExit`` (caught: its code; a normal return is 0). stdout and stderr are
+    captured separately; an exception that escapes ``main`` (a bug: the real process would print a
+    traceback and exit 1) is returned as code 1 with the traceback on ``err``. ``sys.argv``, XVR_DEBUG
+    and the warnings formatter that ``main`` installs are restored afterwards.
+    """
+    from xvr_batch.cli import main
+
+    def run(*args, cwd=None) -> Result:
+        argv = [str(a) for a in args]
+        monkeypatch.setattr(sys, "argv", ["xvr-batch", *argv])
+        monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+        monkeypatch.delenv("XVR_DEBUG", raising=False)
+        out, err = io.StringIO(), io.StringIO()
+        code = 0
+        with contextlib.ExitStack() as stack:
+            if cwd is not None:
+                stack.enter_context(contextlib.chdir(cwd))
+            stack.enter_context(contextlib.redirect_stdout(out))
+            stack.enter_context(contextlib.redirect_stderr(err))
+            try:
+                main(argv)
+            except SystemExit as exc:
+                if exc.code is None or isinstance(exc.code, int):
+                    code = exc.code or 0
+                else:  # sys.exit("message"): the interpreter prints it and exits 1
+                    print(exc.code, file=sys.stderr)
+                    code = 1
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+                code = 1
+        return Result(code, out.getvalue(), err.getvalue())
+
+    return run
 
 
 def make_archive(path: Path, n: int = 40, lr_shape=(8, 12), hr_index=(3, 11, 30), seed: int = 0,

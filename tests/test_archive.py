@@ -404,15 +404,81 @@ def test_reads_raise_on_nan(tmp_path: Path) -> None:
             a.calibration("dark_hr")
 
 
-def test_check_finite_passes_clean_float_and_skips_integers(tmp_path: Path) -> None:
+def _compress_as_uint16(*names: str) -> Mutator:
+    """Rewrite the named /exchange datasets as gzip-chunked uint16 (one chunk per frame)."""
+
+    def mutate(f: h5py.File) -> None:
+        for name in names:
+            data = np.asarray(f["exchange"][name][()], dtype=np.uint16)
+            del f["exchange"][name]
+            chunks = (1, *data.shape[1:]) if data.ndim == 3 else data.shape
+            f["exchange"].create_dataset(name, data=data, chunks=chunks, compression="gzip")
+
+    return mutate
+
+
+def _scribble_chunks(path: Path, *names: str) -> None:
+    """Overwrite every stored chunk of the named /exchange datasets, so that any read of them fails."""
+    with h5py.File(path, "r") as f:
+        spans = [(info.byte_offset, info.size)
+                 for name in names
+                 for info in map(f["exchange"][name].id.get_chunk_info,
+                                 range(f["exchange"][name].id.get_num_chunks()))]
+    with open(path, "r+b") as fh:
+        for offset, size in spans:
+            fh.seek(offset)
+            fh.write(b"\xff" * size)
+
+
+def test_check_finite_passes_clean_float_and_skips_integers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    read: list[str] = []
+    real_getitem = h5py.Dataset.__getitem__
+
+    def spy(self: h5py.Dataset, *args: Any, **kwargs: Any) -> Any:
+        read.append(self.name)
+        return real_getitem(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    data = ["data_lr", "data_hr", *(f"data_{c}" for c in CALIBRATIONS)]
+
+    # All float: every dataset reconstruction reads is streamed, and clean data passes.
     p = tmp_path / "float.h5"
     make_archive(p, dtype=np.float32)
     with Archive(p) as a:
+        read.clear()
         a.check_finite(block_frames=7)
+    assert set(read) == {f"/exchange/{d}" for d in data}
+
+    # All integer, with every chunk of every data dataset scribbled over: any read would fail
+    # (checked below), so passing proves that no integer dataset was read, by any API.
+    def all_int(f: h5py.File) -> None:
+        _compress_as_uint16(*data)(f)
+        dark = f["exchange"]["data_dark_lr"][0]  # one 2-D (pre-averaged) calibration too
+        del f["exchange"]["data_dark_lr"]
+        f["exchange"].create_dataset("data_dark_lr", data=dark, chunks=dark.shape, compression="gzip")
+
     q = tmp_path / "int.h5"
-    make_archive(q)
+    make_archive(q, mutate=all_int)
+    _scribble_chunks(q, *data)
     with Archive(q) as a:
+        assert a.lr_dtype == np.uint16
+        read.clear()
         a.check_finite()
+        a.check_finite(block_frames=1)
+        assert read == []
+        with pytest.raises(UserError, match="corrupt"):  # the scribbling really makes reads fail
+            a.read_lr(0, 1)
+        with pytest.raises(UserError, match="corrupt"):
+            a.calibration("dark_lr")
+
+    # Mixed: float LR/HR are streamed, integer calibrations are not touched.
+    m = tmp_path / "mixed.h5"
+    make_archive(m, dtype=np.float32, mutate=_compress_as_uint16(*data[2:]))
+    _scribble_chunks(m, *data[2:])
+    with Archive(m) as a:
+        read.clear()
+        a.check_finite(block_frames=4)
+    assert set(read) == {"/exchange/data_lr", "/exchange/data_hr"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -648,6 +714,7 @@ def test_broken_symlink(tmp_path: Path) -> None:
         Archive(link)
 
 
+@pytest.mark.may_skip_in_ci(reason="root without CAP_SETUID cannot drop privileges to make a file unreadable")
 def test_unreadable_file(archive_path: Path) -> None:
     archive_path.chmod(0)
     try:

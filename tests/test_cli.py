@@ -1,4 +1,9 @@
-"""The command line as a user meets it: one-line errors with exit code 2, config files, examples."""
+"""The command line as a user meets it: one-line errors with exit code 2, config files, examples.
+
+User errors run in-process (the ``run_cli`` fixture); real processes only where the process boundary
+matters: the installed entry point's exit code, ``--debug``, the tmpfs (disk full, read-only) cases and
+the example scripts.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, cli, make_archive, read_data, sha256
+from conftest import REPO, SHARED, Result, cli, make_archive, read_data, sha256
 
 
 def _mutate(path: Path, fn) -> Path:
@@ -27,6 +32,33 @@ def _replace(name, data):
         del f[name]
         f[name] = data
     return fn
+
+
+def _listing(folder: Path) -> dict[str, bytes | None]:
+    """Every entry below ``folder`` (relative name -> file content, None for a folder); {} if absent."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes()) for p in sorted(folder.rglob("*"))}
+
+
+def assert_user_error(r: Result, expect: str, *, inputs: dict[Path, str | None], output: Path,
+                      beside_before: dict[str, bytes | None], progress: tuple[str, ...] = ()) -> None:
+    """Exit code 2, stderr exactly one line ``error: ...`` (containing ``expect``), no traceback, every
+    input unchanged (sha256; None: it did not exist and still does not), and nothing written beside the
+    output name: no output file, work directory or temp file (the folder is as it was before).
+
+    ``progress``: the start of each progress line the run logs before it meets the error (none: stderr
+    is the error line alone)."""
+    assert r.code == 2, (r.code, r.out, r.err)
+    assert "Traceback" not in r.err, r.err
+    lines = r.err.splitlines()
+    assert len(lines) == len(progress) + 1, r.err
+    assert all(ln.startswith(want) for ln, want in zip(lines, progress)), r.err
+    assert lines[-1].startswith("error: "), r.err
+    assert expect.lower() in lines[-1].lower(), (expect, lines[-1])
+    for path, before in inputs.items():
+        assert (sha256(path) if path.exists() else None) == before, f"{path} was modified"
+    assert _listing(output.parent) == beside_before, "something was written beside the output"
 
 
 BAD_ARCHIVES = {
@@ -60,45 +92,61 @@ BAD_ARCHIVES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ARCHIVES))
-def test_bad_input_gives_one_line_exit_2_and_no_output(tmp_path, tiny_weights, case):
+def test_bad_input_gives_one_line_exit_2_and_no_output(tmp_path, tiny_weights, run_cli, case):
     archive = make_archive(tmp_path / "a.h5")
     make, expect = BAD_ARCHIVES[case]
     bad = make(archive)
-    before = sha256(bad) if bad.exists() else None
-    out = tmp_path / "out.h5"
-    r = cli("reconstruct", bad, "-o", out, "--weights", tiny_weights)
-    assert r.returncode == 2, (case, r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stderr
-    assert expect.lower() in lines[0].lower(), lines[0]
-    assert not out.exists() and not (tmp_path / "out.h5.xvr").exists()
-    if before:
-        assert sha256(bad) == before  # never modified
+    inputs = {bad: sha256(bad) if bad.exists() else None}
+    out = tmp_path / "out" / "out.h5"
+    out.parent.mkdir()
+    r = run_cli("reconstruct", bad, "-o", out, "--weights", tiny_weights)
+    assert_user_error(r, expect, inputs=inputs, output=out, beside_before={})
 
 
-def test_nan_in_float_archive(tmp_path, tiny_weights):
+def test_nan_in_float_archive(tmp_path, tiny_weights, run_cli):
     arc = make_archive(tmp_path / "a.h5", dtype=np.float32)
     _mutate(arc, lambda f: f["/exchange/data_lr"].__setitem__((5, 2, 3), np.nan))
-    r = cli("reconstruct", arc, "-o", tmp_path / "o.h5", "--weights", tiny_weights)
-    assert r.returncode == 2 and "NaN" in r.stderr or "finite" in r.stderr.lower()
-    assert not (tmp_path / "o.h5").exists()
+    out = tmp_path / "out" / "o.h5"
+    out.parent.mkdir()
+    r = run_cli("reconstruct", arc, "-o", out, "--weights", tiny_weights)
+    assert_user_error(r, "/exchange/data_lr", inputs={arc: sha256(arc)}, output=out, beside_before={},
+                      progress=("checking the archive for NaN/Inf",))
+    assert "NaN" in r.err and "frame 5 " in r.err, r.err
+
+
+def test_user_error_from_the_installed_entry_point(tmp_path):
+    """The real process: exit status 2, one line on stderr, no traceback, nothing written."""
+    script = Path(sys.executable).parent / "xvr-batch"
+    assert script.exists(), f"the console script is not installed next to the interpreter ({script})"
+    r = subprocess.run([str(script), "reconstruct", str(tmp_path / "absent.h5"), "-o", str(tmp_path / "o.h5")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith("error: ") and "not found" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_debug_shows_traceback(tmp_path):
     r = cli("--debug", "reconstruct", tmp_path / "absent.h5", "-o", tmp_path / "o.h5")
-    assert r.returncode == 2 and "Traceback" in r.stderr and "error:" in r.stderr
+    assert r.returncode == 2, r.stderr
+    assert "Traceback (most recent call last)" in r.stderr and "UserError" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "not found" in r.stderr
 
 
-def test_output_exists_and_folder_problems(tmp_path, archive, tiny_weights):
+def test_output_exists_and_folder_problems(tmp_path, archive, tiny_weights, run_cli):
+    inputs = {archive: sha256(archive)}
     out = tmp_path / "o.h5"
     out.write_bytes(b"precious")
-    r = cli("reconstruct", archive, "-o", out, "--weights", tiny_weights)
-    assert r.returncode == 2 and "--overwrite" in r.stderr and out.read_bytes() == b"precious"
-    r = cli("reconstruct", archive, "-o", tmp_path / "nodir" / "o.h5", "--weights", tiny_weights)
-    assert r.returncode == 2 and "does not exist" in r.stderr
-    r = cli("reconstruct", archive, "-o", archive, "--weights", tiny_weights, "--overwrite")
-    assert r.returncode == 2 and "input" in r.stderr
+    before = _listing(tmp_path)
+    r = run_cli("reconstruct", archive, "-o", out, "--weights", tiny_weights)
+    assert_user_error(r, "--overwrite", inputs=inputs, output=out, beside_before=before)
+    assert out.read_bytes() == b"precious"
+    nodir = tmp_path / "nodir" / "o.h5"
+    r = run_cli("reconstruct", archive, "-o", nodir, "--weights", tiny_weights)
+    assert_user_error(r, "does not exist", inputs=inputs, output=nodir, beside_before={})
+    assert not nodir.parent.exists()
+    r = run_cli("reconstruct", archive, "-o", archive, "--weights", tiny_weights, "--overwrite")
+    assert_user_error(r, "input", inputs=inputs, output=archive, beside_before=before)
 
 
 def _mount_tmpfs(path: Path, options: str) -> None:
@@ -136,44 +184,55 @@ def test_disk_full_is_one_line_and_resumable(tmp_path, archive, tiny_weights):
         subprocess.run(["umount", str(small)])
 
 
-def test_config_file_keys_mirror_flags_and_flags_win(tmp_path, archive, tiny_weights):
+def test_config_file_keys_mirror_flags_and_flags_win(tmp_path, archive, tiny_weights, run_cli):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'weights = "{tiny_weights}"\n[reconstruct]\nunit-frames = 5\ndtype = "uint16"\n')
-    r = cli("reconstruct", archive, "-o", tmp_path / "a.h5", "--config", cfg, "-q", "--keep-workdir")
-    assert r.returncode == 0, r.stderr
+    r = run_cli("reconstruct", archive, "-o", tmp_path / "a.h5", "--config", cfg, "-q", "--keep-workdir")
+    assert r.code == 0, r.err
     assert read_data(tmp_path / "a.h5").dtype == np.uint16
     import json
     man = json.loads((tmp_path / "a.h5.xvr" / "manifest.json").read_text())
     assert man["plan"]["unit_frames"] == 5
-    r = cli("reconstruct", archive, "-o", tmp_path / "b.h5", "--config", cfg, "--dtype", "float32", "-q")
-    assert r.returncode == 0, r.stderr
+    r = run_cli("reconstruct", archive, "-o", tmp_path / "b.h5", "--config", cfg, "--dtype", "float32", "-q")
+    assert r.code == 0, r.err
     assert read_data(tmp_path / "b.h5").dtype == np.float32  # the flag wins over the file
     bad = tmp_path / "bad.toml"
     bad.write_text("[reconstruct]\nunit-framez = 5\n")
-    r = cli("reconstruct", archive, "-o", tmp_path / "c.h5", "--config", bad)
-    assert r.returncode == 2 and "unknown key 'unit-framez'" in r.stderr
+    before = _listing(tmp_path)
+    r = run_cli("reconstruct", archive, "-o", tmp_path / "c.h5", "--config", bad)
+    assert_user_error(r, "unknown key 'unit-framez'", inputs={archive: sha256(archive), bad: sha256(bad)},
+                      output=tmp_path / "c.h5", beside_before=before)
 
 
-def test_inspect_and_plan_write_nothing(tmp_path, archive, tiny_weights):
-    r = cli("inspect", archive, check=True)
-    assert "40 x 8 x 12" in r.stdout and "key frames" in r.stdout
-    r = cli("plan", archive, "--weights", tiny_weights, "--unit-frames", 7, check=True)
-    assert "units: 6" in r.stdout and "TFLOP" in r.stdout and "GiB" in r.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5"] or sorted(p.name for p in tmp_path.iterdir()) == [
-        "archive.h5"]
+def test_inspect_and_plan_write_nothing(tmp_path, archive, tiny_weights, run_cli):
+    """Nothing is written: not beside the archive, not in the working directory, not into the archive."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before, digest = _listing(tmp_path), sha256(archive)
+    mtime = archive.stat().st_mtime_ns
+    r = run_cli("inspect", archive, cwd=cwd)
+    assert r.code == 0, r.err
+    assert "40 x 8 x 12" in r.out and "key frames" in r.out
+    r = run_cli("plan", archive, "--weights", tiny_weights, "--unit-frames", 7, cwd=cwd)
+    assert r.code == 0, r.err
+    assert "units: 6" in r.out and "TFLOP" in r.out and "GiB" in r.out
+    r = run_cli("plan", "archive.h5", "--weights", tiny_weights, cwd=tmp_path)  # a relative path, from its folder
+    assert r.code == 0, r.err
+    assert _listing(tmp_path) == before  # cwd/ is still empty, and nothing new beside archive.h5
+    assert sha256(archive) == digest and archive.stat().st_mtime_ns == mtime
 
 
-def test_convert_weights_round_trip(tmp_path):
-    fixture = REPO.parent / "shared" / "fixtures" / "xfusion_parity_small.pt"
+def test_convert_weights_round_trip(tmp_path, run_cli):
+    fixture = SHARED / "fixtures" / "xfusion_parity_small.pt"
     if not fixture.exists():
-        pytest.skip("reference fixture not available")
+        pytest.skip(f"reference fixture not found at {fixture} (set XVR_SHARED)")
     import yaml
     data = torch.load(fixture, weights_only=True)
     case = data["cases"][1]
     torch.save(case["checkpoint"], tmp_path / "xf.pth")
     (tmp_path / "net.yml").write_text(yaml.safe_dump({"network_g": dict(data["config"], type="PatchTransformerVSTF")}))
-    cli("convert-weights", tmp_path / "xf.pth", "--network-g", tmp_path / "net.yml", "-o", tmp_path / "ours.pt",
-        check=True)
+    r = run_cli("convert-weights", tmp_path / "xf.pth", "--network-g", tmp_path / "net.yml", "-o", tmp_path / "ours.pt")
+    assert r.code == 0, r.err
     from xvr_batch.model import load_checkpoint
     model, ckpt = load_checkpoint(tmp_path / "ours.pt")
     assert ckpt["format_version"] == 1 and ckpt["config"]["head"] == "all"
