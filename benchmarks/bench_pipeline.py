@@ -52,7 +52,8 @@ def main() -> None:
 
     import torch
     from xvr_batch import synth
-    from xvr_batch.pipeline import Options, UnitRunner, prepare, reconstruct
+    from xvr_batch.driver import reconstruct
+    from xvr_batch.pipeline import Options, UnitRunner, prepare
 
     d = Path(tempfile.mkdtemp(prefix="xvr-bench-"))
     arc = d / "a.h5"

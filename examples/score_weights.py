@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 from xvr_batch.evaluate import as_float, evaluate
-from xvr_batch.pipeline import Options, reconstruct
+from xvr_batch.driver import reconstruct
+from xvr_batch.pipeline import Options
 
 
 def main() -> None:

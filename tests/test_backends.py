@@ -21,8 +21,9 @@ import pytest
 
 from conftest import REPO, cli, make_archive, read_data
 from xvr_batch.backends import backend_kwargs, get_backend
-from xvr_batch.backends.base import EXIT_STOPPED
-from xvr_batch.pipeline import Options, reconstruct
+from xvr_batch.errors import EXIT_STOPPED
+from xvr_batch.driver import reconstruct
+from xvr_batch.pipeline import Options
 
 BIN = Path(sys.executable).parent
 MPIEXEC = BIN / "mpiexec"
@@ -326,7 +327,10 @@ def test_sigterm_stops_cleanly_and_rerun_is_identical(tmp_path, long_arc, tiny_w
     else:
         cmd = _xvr(*args, *(["--workers", "2"] if backend == "dask" else []))
     rc, err = _stop_midway(cmd, tmp_path / "o.h5.xvr" / "journal.jsonl")
-    # torchrun reports a stopped worker as a failure of its own (exit 1); the ranks exit EXIT_STOPPED
+    # a clean stop is not success: `reconstruct ... && next-step` must not go on. 75 (EX_TEMPFAIL) is the
+    # documented "stopped, resumable" status. torchrun reports a stopped worker as a failure of its own
+    # (exit 1); the ranks themselves exit EXIT_STOPPED
+    assert EXIT_STOPPED == 75
     assert rc in ((EXIT_STOPPED, 1) if backend == "torch" else (EXIT_STOPPED,)), err[-3000:]
     assert "stopped on request" in err, err[-3000:]
     assert not out.exists()

@@ -17,7 +17,8 @@ import pytest
 
 from conftest import cli, make_archive, read_data, sha256
 from xvr_batch.errors import UserError
-from xvr_batch.pipeline import Options, finalise, pending_units, prepare, reconstruct, UnitRunner
+from xvr_batch.driver import reconstruct
+from xvr_batch.pipeline import Options, finalise, pending_units, prepare, UnitRunner
 from xvr_batch.plan import make_plan, plan_windows, segments
 
 

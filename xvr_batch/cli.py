@@ -71,6 +71,10 @@ def archive_options(f):
                      help="Key frames every S LR frames (instead of an hr_index dataset)."),
         click.option("--hr-offset", type=int, default=0, show_default=True, metavar="O",
                      help="LR index of the first key frame, with --hr-stride."),
+        click.option("--wait-for-writer", "wait_for_writer", type=click.FloatRange(min=0), default=None,
+                     metavar="SECONDS",
+                     help="If another process is still writing the archive, wait up to SECONDS for it to "
+                          "finish [refuse at once]."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -107,12 +111,13 @@ def _options_from(kwargs: dict):
 @click.argument("archive", type=click.Path())
 @archive_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def inspect_cmd(archive, lr, hr, hr_index, hr_stride, hr_offset, as_json):
+def inspect_cmd(archive, lr, hr, hr_index, hr_stride, hr_offset, wait_for_writer, as_json):
     """What ARCHIVE holds (datasets, shapes, dtypes, key-frame spacing, darks/flats) and any problems."""
     from xvr_batch.io.archive import ArchivePaths, inspect_file
     base = ArchivePaths()
     paths = ArchivePaths(lr=lr or base.lr, hr=hr or base.hr, hr_index=hr_index or base.hr_index)
-    info = inspect_file(archive, paths=paths, hr_stride=hr_stride, hr_offset=hr_offset)
+    info = inspect_file(archive, paths=paths, hr_stride=hr_stride, hr_offset=hr_offset,
+                        wait_for_writer=wait_for_writer)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -158,7 +163,7 @@ def plan_cmd(archive, plan_out, **kw):
 
 # ---------------------------------------------------------------------------------------- reconstruct
 
-from xvr_batch.backends import backend_options  # noqa: E402  (the backend flags of reconstruct)
+from xvr_batch.backends import BACKENDS, backend_options  # noqa: E402  (the backend flags of reconstruct)
 
 
 @command("reconstruct")
@@ -185,6 +190,8 @@ from xvr_batch.backends import backend_options  # noqa: E402  (the backend flags
 @click.option("--partition", default=None, help="Slurm (--nodes): partition.")
 @click.option("--account", default=None, help="Slurm (--nodes): account to charge.")
 @click.option("--time", "walltime", default=None, metavar="HH:MM:SS", help="Slurm (--nodes): time limit.")
+@click.option("--job-name", default=None,
+              help="Slurm (--nodes): job name [xvr-ARCHIVE, with characters Slurm dislikes replaced by _].")
 @click.option("--cpus-per-task", type=click.IntRange(min=1), default=None, help="Slurm (--nodes): CPUs per task.")
 @click.option("--mem", default=None, help="Slurm (--nodes): memory per node, e.g. 64G.")
 @click.option("--sbatch", "sbatch_extra", multiple=True, metavar="DIRECTIVE",
@@ -192,44 +199,53 @@ from xvr_batch.backends import backend_options  # noqa: E402  (the backend flags
 @click.option("--dry-run", is_flag=True, help="Slurm (--nodes): print the job script instead of submitting it.")
 @click.option("--wait", is_flag=True, help="Slurm (--nodes): follow the job to its end with a progress bar.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def reconstruct_cmd(archive, output, backend, quiet, launcher, partition, account, walltime, cpus_per_task, mem,
-                    sbatch_extra, dry_run, wait, **kw):
+def reconstruct_cmd(archive, output, backend, quiet, launcher, partition, account, walltime, job_name, cpus_per_task,
+                    mem, sbatch_extra, dry_run, wait, **kw):
     """Reconstruct every LR time step of ARCHIVE at HR into OUTPUT.
 
     Re-running the same command resumes: finished units are verified by checksum and skipped.
     Under torchrun, srun or mpiexec (--backend torch or mpi) every rank runs this same command.
     With --nodes N (and a backend other than dask-slurm) it submits itself as a Slurm job instead.
     """
-    from xvr_batch.backends import backend_kwargs, get_backend, run_reconstruct
+    from xvr_batch.backends import backend_kwargs, get_backend
+    from xvr_batch.driver import run
     opts = _options_from(dict(kw, archive=archive, output=output))
     config = dict(kw, archive=archive, output=output, backend=backend)
-    slurm_flags = {"--partition": partition, "--account": account, "--time": walltime, "--mem": mem,
+    slurm_flags = {"--partition": partition, "--account": account, "--time": walltime, "--job-name": job_name,
+                   "--mem": mem,
                    "--cpus-per-task": cpus_per_task, "--sbatch": sbatch_extra or None, "--dry-run": dry_run or None,
                    "--wait": wait or None}
     if kw.get("nodes") is not None and backend != "dask-slurm":
-        _submit(opts, kw, launcher, partition, account, walltime, cpus_per_task, mem, sbatch_extra, dry_run, wait,
-                quiet)
+        _submit(opts, kw, launcher, partition, account, walltime, job_name, cpus_per_task, mem, sbatch_extra,
+                dry_run, wait, quiet)
         return
     given = [flag for flag, value in slurm_flags.items() if value is not None]
     if given:
         raise UserError(f"{given[0]} only applies with --nodes N (Slurm submission)")
     engine = get_backend(backend, **backend_kwargs(backend, kw, log=_echo_err))
-    out = run_reconstruct(engine, opts, command=sys.argv, config=config, progress=not quiet, log=_echo_err)
+    _finish_run(run(opts, engine, command=sys.argv, config=config, progress=not quiet, log=_echo_err))
+
+
+def _finish_run(out: str | None) -> None:
+    """Print the output path, or exit with EXIT_STOPPED (75) after a clean stop on request."""
     if out is None:
-        from xvr_batch.backends.base import EXIT_STOPPED
+        from xvr_batch.errors import EXIT_STOPPED
+        from xvr_batch.slurm.stopmark import record_stopped
+        record_stopped()  # for job scripts whose launcher does not pass 75 on (torchrun, srun)
         sys.exit(EXIT_STOPPED)
     click.echo(out)
 
 
-def _submit(opts, kw, launcher, partition, account, walltime, cpus_per_task, mem, sbatch_extra, dry_run, wait,
-            quiet) -> None:
-    from xvr_batch.submit import SubmitOptions, follow_job, slurm_log, submit_reconstruct
+def _submit(opts, kw, launcher, partition, account, walltime, job_name, cpus_per_task, mem, sbatch_extra, dry_run,
+            wait, quiet) -> None:
+    from xvr_batch.slurm.client import follow_job
+    from xvr_batch.slurm.submit import SubmitOptions, slurm_log, submit_reconstruct
     if kw.get("workers") or kw.get("scheduler") or kw.get("gpus_per_worker") is not None:
         raise UserError("--workers/--scheduler/--gpus-per-worker are dask options; with --nodes use "
                         "--backend dask-slurm, or drop them")
     sub = SubmitOptions(nodes=kw["nodes"], gpus_per_node=kw.get("gpus_per_node") or 0, partition=partition,
                         account=account, time=walltime, launcher=launcher, cpus_per_task=cpus_per_task, mem=mem,
-                        extra_directives=list(sbatch_extra))
+                        extra_directives=list(sbatch_extra), job_name=job_name)
     job_id = submit_reconstruct(opts, sub, dry_run=dry_run, echo=click.echo)
     if job_id is None or not wait:
         return
@@ -259,12 +275,17 @@ def status_cmd(workdir, as_json, verify):
     if not wd.exists():
         raise UserError(f"{workdir}: no manifest.json here; give the work directory (default OUTPUT.xvr)")
     st = wd.status(verify=verify)
+    if st["failed"]:
+        journal = wd.read_journal()
+        st["errors"] = {u: journal.get(u, {}).get("error", "") for u in st["failed"]}
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
         return
     n = st["n_units"]
     click.echo(f"{wd.path}: {len(st['done'])}/{n} units done, {len(st['pending'])} pending, "
                f"{len(st['failed'])} failed; {st['frames_done']}/{st['n_frames']} frames")
+    for uid, why in list(st.get("errors", {}).items())[:5]:
+        click.echo(f"  unit {uid} failed: {why} (it is redone on resume)")
     if st.get("problems"):
         for uid, why in list(st["problems"].items())[:5]:
             click.echo(f"  unit {uid}: {why} (will be redone)")
@@ -272,30 +293,39 @@ def status_cmd(workdir, as_json, verify):
 
 @command("resume")
 @click.argument("workdir", type=click.Path())
+@click.option("--backend", "backend_override", type=click.Choice(BACKENDS), default=None,
+              help="Run on this backend instead of the one the run was started with.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def resume_cmd(workdir, quiet):
-    """Continue the run recorded in WORKDIR (the same as re-running its reconstruct command)."""
-    from xvr_batch.backends import get_backend
-    from xvr_batch.pipeline import Options, reconstruct
+def resume_cmd(workdir, backend_override, quiet):
+    """Continue the run recorded in WORKDIR: the same as re-running its reconstruct command.
+
+    It uses the recorded options and backend (with its --workers/--scheduler/... options). A run that
+    used --backend torch or mpi resumes in this process as one rank, unless this command itself is
+    started under torchrun, srun or mpiexec. Exits 75 if it is stopped again on request.
+    """
+    from xvr_batch.backends import backend_kwargs, get_backend
+    from xvr_batch.driver import run
+    from xvr_batch.pipeline import Options
     from xvr_batch.workdir import WorkDir
     wd = WorkDir(workdir)
     if not wd.exists():
         raise UserError(f"{workdir}: no manifest.json here; nothing to resume")
     man = wd.read_manifest()
-    saved = man.get("options")
-    if not isinstance(saved, dict):
+    saved, job = man.get("options"), man.get("job")
+    if not isinstance(saved, dict) or not isinstance(job, dict):
         raise UserError(f"{wd.manifest_path}: no recorded options; re-run the original reconstruct command")
-    names = {f.name for f in fields(Options)}
-    opts = Options(**{k: v for k, v in saved.items() if k in names})
+    opts = Options.from_record(saved, str(wd.manifest_path))
     opts.workdir = str(wd.path)
     opts.force_replan = False
-    job = man.get("job", {})
-    out = reconstruct(opts, get_backend("local"), command=job.get("command"), config=job.get("config"),
-                      progress=not quiet, log=_echo_err)
-    if out is None:
-        from xvr_batch.backends.base import EXIT_STOPPED
-        sys.exit(EXIT_STOPPED)
-    click.echo(out)
+    config = job.get("config") if isinstance(job.get("config"), dict) else {}
+    backend = backend_override or config.get("backend") or "local"
+    if backend not in BACKENDS:
+        raise UserError(f"{wd.manifest_path}: unknown recorded backend {backend!r}; pass --backend")
+    recorded = config if backend == config.get("backend") else {}
+    engine = get_backend(backend, **backend_kwargs(backend, recorded, log=_echo_err))
+    _echo_err(f"resuming {wd.path} on --backend {backend}")
+    command = job.get("command") if isinstance(job.get("command"), list) else None
+    _finish_run(run(opts, engine, command=command, config=config, progress=not quiet, log=_echo_err))
 
 
 # ---------------------------------------------------------------------------------------- synth
@@ -430,7 +460,12 @@ def train_cmd(archives, quiet, **kw):
     names = {f.name for f in fields(tr.TrainOptions)}
     opts = tr.TrainOptions(archives=list(archives), progress=not quiet,
                            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items() if k in names})
-    path = tr.run_training(opts, log=_echo_err)
+    try:
+        path = tr.run_training(opts, log=_echo_err)
+    except tr.TrainingStopped as exc:  # SIGUSR2/SIGTERM: checkpoint written; the same command continues
+        from xvr_batch.errors import EXIT_STOPPED
+        _echo_err(str(exc))
+        sys.exit(EXIT_STOPPED)
     click.echo(path)
 
 

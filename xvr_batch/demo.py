@@ -16,7 +16,8 @@ def run_demo(directory: Path, frames: int = 60, seed: int = 1234, progress: bool
              echo: Callable[[str], None] = print) -> dict:
     from xvr_batch import synth
     from xvr_batch.evaluate import evaluate, format_table
-    from xvr_batch.pipeline import Options, reconstruct
+    from xvr_batch.driver import reconstruct
+    from xvr_batch.pipeline import Options
 
     directory = Path(directory)
     archive = directory / "demo_archive.h5"

@@ -15,3 +15,10 @@ class UserError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+#: Exit status of a run that stopped cleanly on request (SIGUSR2/SIGTERM, e.g. a Slurm time-limit warning
+#: or a preemption) before it finished. The work directory holds everything done so far; running the same
+#: command again resumes. 75 is EX_TEMPFAIL of sysexits.h ("try again later"), so `reconstruct ... && next`
+#: does not go on, and the job scripts in slurm/ requeue on it.
+EXIT_STOPPED = 75

@@ -1,18 +1,15 @@
-"""Plan, run units, finalise: the reconstruction pipeline that every backend shares.
+"""The unit engine: plan, run one unit, finalise. Every backend shares it; it knows no backend.
 
 ``prepare()`` opens and validates the archive, fits the normalisation once, plans windows and units and
 creates (or checks, to resume) the work directory. It returns a :class:`Job`: plain, picklable data that
 any process can turn back into a :class:`UnitRunner`. ``UnitRunner.run_unit()`` computes one unit and
 writes its part; it is the same code for every backend. ``finalise()`` stitches the verified parts into
-the output under a temporary name and renames it.
+the output under a temporary name and renames it. :mod:`xvr_batch.driver` puts them together.
 """
 
 from __future__ import annotations
 
-import errno
-from contextlib import nullcontext
-import hashlib
-import json
+
 import os
 import queue
 import shutil
@@ -20,7 +17,8 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -31,14 +29,15 @@ from xvr_batch import __version__
 from xvr_batch.errors import UserError
 from xvr_batch.io.archive import Archive, ArchivePaths
 from xvr_batch.io.output import stitch_output
-from xvr_batch.io.parts import StreamingPart, verify_part
+from xvr_batch.io.parts import StreamingPart
 from xvr_batch.model.tiling import tiled_run
 from xvr_batch.normalise import Calibration, Normalisation, fit_normalisation
 from xvr_batch.plan import Plan, Unit, batch_windows, make_plan
 from xvr_batch.weights import ResolvedWeights, resolve_weights
-from xvr_batch.workdir import WorkDir
+from xvr_batch.workdir import MANIFEST_VERSION, WorkDir
 
-__all__ = ["Options", "Job", "prepare", "UnitRunner", "finalise", "pending_units", "output_affecting"]
+__all__ = ["Options", "Job", "prepare", "UnitRunner", "finalise", "pending_units", "output_affecting",
+           "check_output_target", "disk_error"]
 
 DTYPES = ("float32", "uint16")
 
@@ -69,6 +68,7 @@ class Options:
     hr_stride: int | None = None
     hr_offset: int = 0
     prefetch: int = 2
+    wait_for_writer: float | None = None
 
     def archive_paths(self) -> ArchivePaths:
         base = ArchivePaths()
@@ -76,6 +76,46 @@ class Options:
 
     def resolved_workdir(self) -> Path:
         return Path(self.workdir) if self.workdir else Path(str(self.output) + ".xvr")
+
+    @classmethod
+    def from_record(cls, record: Any, where: str) -> "Options":
+        """Options read back from a manifest (``resume``): every field type-checked, unknown keys ignored."""
+        import typing
+
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: the recorded options are not an object; re-run the original reconstruct "
+                            "command")
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in record:
+                if f.default is MISSING:
+                    raise UserError(f"{where}: the recorded options lack {f.name!r}; re-run the original "
+                                    "reconstruct command")
+                continue
+            value, kinds = record[f.name], typing.get_args(hints[f.name]) or (hints[f.name],)
+            ok = any(value is None if k is type(None) else
+                     (isinstance(value, k) and not (k in (int, float) and isinstance(value, bool))
+                      or (k is float and isinstance(value, int) and not isinstance(value, bool)))
+                     for k in kinds)
+            if not ok:
+                raise UserError(f"{where}: recorded option {f.name!r} is {value!r:.60}, not "
+                                f"{' or '.join(getattr(k, '__name__', str(k)) for k in kinds)}; the manifest was "
+                                "edited or is corrupt")
+            values[f.name] = value
+        return cls(**values)
+
+    def absolute(self) -> "Options":
+        """A copy whose archive, output, work directory and weights file are absolute paths, so that the
+        manifest means the same from any folder (``resume`` may run elsewhere)."""
+        def abspath(p: str) -> str:
+            return os.path.abspath(os.path.expanduser(p))
+
+        weights = self.weights
+        if weights and (os.sep in weights or Path(weights).exists()):  # a file, not a shipped name
+            weights = abspath(weights)
+        return replace(self, archive=abspath(self.archive), output=abspath(self.output),
+                       workdir=abspath(str(self.resolved_workdir())), weights=weights)
 
 
 def output_affecting(opts: Options, device_type: str, precision: str) -> dict:
@@ -85,7 +125,8 @@ def output_affecting(opts: Options, device_type: str, precision: str) -> dict:
 
 
 def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    from xvr_batch.durable import canonical_hash
+    return canonical_hash(obj)
 
 
 def resolve_device(device: str) -> str:
@@ -130,12 +171,32 @@ class Job:
     threads: int | None = None
     prefetch: int = 2
     device: str = "cpu"
+    hr_shape: tuple[int, int] | list[int] = (0, 0)
+    config_hash: str = ""
 
     def open_archive(self) -> Archive:
+        """A new read-only handle on the input archive (the caller closes it)."""
         return Archive(self.archive, ArchivePaths.from_dict(self.paths), self.hr_stride, self.hr_offset)
 
+    def archive_handle(self) -> Archive:
+        """This process's one handle on the input archive (the one :func:`prepare` validated, or a new one);
+        :meth:`close` closes it."""
+        arc = self.__dict__.get("_archive")
+        if arc is None:
+            arc = self.__dict__["_archive"] = self.open_archive()
+        return arc
+
+    def close(self) -> None:
+        arc = self.__dict__.pop("_archive", None)
+        if arc is not None:
+            arc.close()
+
     def plan(self) -> Plan:
-        return make_plan(**self.plan_args)
+        """The plan, built once per process and job (it is a pure function of ``plan_args``)."""
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            plan = self.__dict__["_plan"] = make_plan(**self.plan_args)
+        return plan
 
     def workdir_obj(self) -> WorkDir:
         return WorkDir(self.workdir)
@@ -150,7 +211,9 @@ def pending_units(job: Job) -> list[Unit]:
     return [u for u in job.plan().units if u.id not in done]
 
 
-def _check_output_target(opts: Options) -> None:
+def check_output_target(opts: Options) -> None:
+    """Refuse an output that cannot be written (a folder, a missing or read-only folder, an existing file
+    without ``--overwrite``, the input itself)."""
     out = Path(opts.output)
     parent = out.parent if str(out.parent) else Path(".")
     if out.exists() and out.is_dir():
@@ -170,9 +233,48 @@ def _describe_change(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) or "unknown"
 
 
+
+
+def _manifest_job(wd: WorkDir, man: dict) -> dict:
+    job = man.get("job")
+    if not isinstance(job, dict):
+        raise UserError(f"{wd.manifest_path}: no job record (written by another version of xvr_batch?); "
+                        "pass --force-replan to start over")
+    return job
+
+
+def _check_resumable(wd: WorkDir, man: dict, job: Job, plan: Plan, weights_source: str) -> dict:
+    """Refuse to resume a work directory planned for another input, weights, settings or plan; return the
+    recorded job."""
+    old = _manifest_job(wd, man)
+    again = "pass --force-replan to start over"
+    if old.get("fingerprint") != job.fingerprint:
+        raise UserError(f"{wd.path}: the input archive changed since this work directory was planned "
+                        f"(fingerprint {str(old.get('fingerprint'))[:12]} -> {job.fingerprint[:12]}); {again}")
+    old_sha = (old.get("weights") or {}).get("sha256") if isinstance(old.get("weights"), dict) else None
+    if old_sha != job.weights["sha256"]:
+        old_src = old["weights"].get("source") if isinstance(old.get("weights"), dict) else None
+        raise UserError(f"{wd.path}: the weights changed since this work directory was planned "
+                        f"({old_src} sha256 {str(old_sha)[:12]} -> {weights_source} "
+                        f"{job.weights['sha256'][:12]}); {again}")
+    if old.get("config_hash") != job.config_hash:
+        settings = old.get("settings") if isinstance(old.get("settings"), dict) else {}
+        raise UserError(f"{wd.path}: the settings changed since this work directory was planned "
+                        f"({_describe_change(settings, job.settings)}); {again}")
+    if man.get("plan") != plan.to_dict() or old.get("plan_args") != job.plan_args:
+        raise UserError(f"{wd.manifest_path}: the recorded plan differs from the plan of these settings "
+                        f"(the manifest was edited or is corrupt); {again}")
+    return old
+
+
 def prepare(opts: Options, command: list[str] | None = None, config: dict | None = None,
             log: Callable[[str], None] = lambda s: None, locked: bool = False) -> Job:
-    """Validate, fit, plan and create or check the work directory. Writes nothing but the workdir."""
+    """Validate, fit, plan and create or check the work directory. Writes nothing but the workdir.
+
+    The manifest it writes is ``{version, tool_version, created, job, plan, options}``: the :class:`Job`
+    (everything a worker needs, input fingerprint, weights and settings hashes, normalisation), the plan
+    (for ``status`` and as a check on resume) and the options as given (absolute paths, for ``resume``)."""
+    opts = opts.absolute()
     if opts.dtype not in DTYPES:
         raise UserError(f"--dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
     for name in ("unit_frames", "batch", "prefetch"):
@@ -180,7 +282,7 @@ def prepare(opts: Options, command: list[str] | None = None, config: dict | None
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}")
     from xvr_batch.io.output import check_compression
     check_compression(opts.compression)
-    _check_output_target(opts)
+    check_output_target(opts)
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
     weights = resolve_weights(opts.weights)
@@ -192,56 +294,45 @@ def prepare(opts: Options, command: list[str] | None = None, config: dict | None
         if opts.tile <= overlap:
             raise UserError(f"--tile {opts.tile} must be larger than the overlap ({overlap})")
 
-    archive_path = str(Path(opts.archive).expanduser().resolve()) if Path(opts.archive).exists() else opts.archive
-    with Archive(archive_path, opts.archive_paths(), opts.hr_stride, opts.hr_offset) as arc:
+    wd = WorkDir(opts.resolved_workdir())
+    settings = output_affecting(opts, device.split(":")[0], precision)
+    arc = Archive(opts.archive, opts.archive_paths(), opts.hr_stride, opts.hr_offset,
+                  wait_for_writer=opts.wait_for_writer)
+    try:
         if arc.scale != cfg.scale:
             raise UserError(f"{opts.archive}: HR/LR scale is {arc.scale}, but the model upsamples x{cfg.scale}")
-        fingerprint = arc.fingerprint()
-        wd = WorkDir(opts.resolved_workdir())
-        settings = output_affecting(opts, device.split(":")[0], precision)
-        config_hash = _hash({"settings": settings, "model": cfg.to_dict()})
-        plan_args = dict(n_frames=arc.n_frames, hr_index=[int(k) for k in arc.hr_index], num_lr=cfg.num_lr,
-                         head=cfg.head, unit_frames=opts.unit_frames, batch=opts.batch)
+        job = Job(
+            archive=opts.archive, paths=opts.archive_paths().to_dict(), hr_stride=opts.hr_stride,
+            hr_offset=opts.hr_offset, output=opts.output, workdir=str(wd.path), weights=weights.to_dict(),
+            normalisation={}, settings=settings, compression=opts.compression, keep_workdir=opts.keep_workdir,
+            plan_args=dict(n_frames=arc.n_frames, hr_index=[int(k) for k in arc.hr_index], num_lr=cfg.num_lr,
+                           head=cfg.head, unit_frames=opts.unit_frames, batch=opts.batch),
+            command=list(command or sys.argv), config=dict(config or {}), fingerprint=arc.fingerprint(),
+            threads=opts.threads, prefetch=opts.prefetch, device=device, hr_shape=tuple(arc.hr_shape),
+            config_hash=_hash({"settings": settings, "model": cfg.to_dict()}),
+        )
+        plan = job.plan()
         resume = wd.exists() and not opts.force_replan
         if wd.exists() and opts.force_replan:
             log(f"--force-replan: discarding the earlier plan and parts in {wd.path}")
         if resume:
-            man = wd.read_manifest()
-            if man["fingerprint"] != fingerprint:
-                raise UserError(f"{wd.path}: the input archive changed since this work directory was planned "
-                                f"(fingerprint {man['fingerprint'][:12]} -> {fingerprint[:12]}); "
-                                "pass --force-replan to start over")
-            if man["weights_sha256"] != weights.sha256:
-                raise UserError(f"{wd.path}: the weights changed since this work directory was planned "
-                                f"({man['weights'].get('source')} sha256 {man['weights_sha256'][:12]} -> "
-                                f"{weights.source} {weights.sha256[:12]}); pass --force-replan to start over")
-            if man["config_hash"] != config_hash:
-                raise UserError(f"{wd.path}: the settings changed since this work directory was planned "
-                                f"({_describe_change(man.get('settings', {}), settings)}); "
-                                "pass --force-replan to start over")
-            norm = Normalisation.from_dict(man["normalisation"])
+            old = _check_resumable(wd, wd.read_manifest(), job, plan, weights.source)
+            job.normalisation = Normalisation.from_dict(old.get("normalisation"),
+                                                        source=str(wd.manifest_path)).to_dict()
             log(f"resuming {wd.path}")
         else:
             log("checking the archive for NaN/Inf and fitting the intensity mapping ...")
             arc.check_finite()
-            norm = fit_normalisation(arc)
-    job = Job(
-        archive=archive_path, paths=opts.archive_paths().to_dict(), hr_stride=opts.hr_stride,
-        hr_offset=opts.hr_offset, output=str(Path(opts.output).resolve()), workdir=str(wd.path),
-        weights=weights.to_dict(), normalisation=norm.to_dict(), plan_args=plan_args, settings=settings,
-        compression=opts.compression, keep_workdir=opts.keep_workdir, command=list(command or sys.argv),
-        config=dict(config or {}), fingerprint=fingerprint, threads=opts.threads, prefetch=opts.prefetch,
-        device=device,
-    )
+            job.normalisation = fit_normalisation(arc).to_dict()
+    except BaseException:
+        arc.close()
+        raise
+    job.__dict__["_archive"] = arc  # the UnitRunner of this process reads through the same handle
     if not resume:
-        plan = job.plan()
         manifest = {
-            "version": 1, "tool_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "archive": archive_path, "fingerprint": fingerprint, "paths": job.paths,
-            "hr_stride": opts.hr_stride, "hr_offset": opts.hr_offset, "output": job.output,
-            "config_hash": config_hash, "settings": settings, "model": cfg.to_dict(),
-            "weights": weights.to_dict(), "weights_sha256": weights.sha256, "normalisation": norm.to_dict(),
-            "plan": plan.to_dict(), "plan_args": plan_args, "job": job.to_dict(), "options": asdict(opts),
+            "version": MANIFEST_VERSION, "tool_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "job": job.to_dict(), "plan": plan.to_dict(),
+            "options": asdict(opts),
         }
         if locked:
             wd.create(manifest)
@@ -259,7 +350,7 @@ class UnitRunner:
         self.device = torch.device(device or job.device)
         if job.threads:
             torch.set_num_threads(job.threads)
-        self.archive = job.open_archive()
+        self.archive = job.archive_handle()
         self.calib = Calibration(self.archive, Normalisation.from_dict(job.normalisation))
         self.plan = job.plan()
         self.weights = ResolvedWeights.from_dict(job.weights)
@@ -277,7 +368,7 @@ class UnitRunner:
         self._key_cap = max(8, 2 * self.batch + 2)
 
     def close(self) -> None:
-        self.archive.close()
+        self.job.close()
 
     # ---------------------------------------------------------------- reading (prefetch thread)
     def _read_batch(self, b: int, hr_cache: OrderedDict) -> tuple:
@@ -445,75 +536,43 @@ class UnitRunner:
 
 
 def disk_error(exc: OSError, path: Path | str) -> Exception:
-    """A full disk becomes one clear UserError; other OS errors pass through unchanged."""
-    text = str(exc)
-    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text or "errno = 28" in text:
-        return UserError(f"{path}: disk full while writing; free space and re-run the same command to resume")
+    """A full disk (or quota) becomes one clear UserError; other OS errors pass through unchanged."""
+    from xvr_batch.durable import is_disk_full
+
+    if is_disk_full(exc):
+        where = getattr(exc, "filename", None) or path
+        return UserError(f"{where}: disk full while writing; free space and re-run the same command to resume")
     return exc
 
 
-def finalise(job: Job, log: Callable[[str], None] = lambda s: None, progress: bool = False) -> str:
-    """Stitch the verified parts into the output (temporary name, then rename). Returns the path."""
+def finalise(job: Job, log: Callable[[str], None] = lambda s: None, progress: bool = False,
+             overwrite: bool = False) -> str:
+    """Stitch the verified parts into the output (temporary name, then rename). Returns the path.
+
+    The rename never replaces a file that appeared meanwhile unless ``overwrite``."""
     wd = job.workdir_obj()
     plan = job.plan()
-    done = wd.completed_units(verify=True)
+    done = wd.completed_units(verify=True)  # hashes every part once
     missing = [u.id for u in plan.units if u.id not in done]
     if missing:
         raise UserError(f"{wd.path}: {len(missing)} units are not finished (first: {missing[:5]}); "
                         f"run `xvr-batch resume {wd.path}`")
-    parts = [(u, wd.resolve_part(done[u.id]["part"]), done[u.id]["sha256"]) for u in plan.units]
-    for u, p, sha in parts:
-        if not verify_part(p, sha):
-            raise UserError(f"{p}: part changed after it was verified; run `xvr-batch resume {wd.path}`")
-    manifest = wd.read_manifest()
+    parts = [wd.resolve_part(done[u.id]["part"]) for u in plan.units]
+    plan_dict = plan.to_dict()
     process = {
         "version": __version__, "command_line": job.command, "config": job.config,
         "settings": job.settings, "weights": job.weights, "weights_sha256": job.weights["sha256"],
         "input": {"path": job.archive, "fingerprint": job.fingerprint, "paths": job.paths,
                   "hr_stride": job.hr_stride, "hr_offset": job.hr_offset},
-        "normalisation": job.normalisation, "plan": manifest.get("plan", {}),
-        "edge_policy": manifest.get("plan", {}).get("edge_policy", ""),
+        "normalisation": job.normalisation, "plan": plan_dict, "edge_policy": plan_dict.get("edge_policy", ""),
     }
-    with job.open_archive() as arc:
-        hr_index = np.asarray(arc.hr_index)
-        shape = (arc.n_frames, *arc.hr_shape)
+    shape = (plan.n_frames, *job.hr_shape)
     try:
-        stitch_output(job.output, [p for _, p, _ in parts], shape, np.dtype(job.settings["dtype"]),
-                      job.compression, hr_index, process, progress=progress)
+        stitch_output(job.output, parts, shape, np.dtype(job.settings["dtype"]), job.compression,
+                      np.asarray(job.plan_args["hr_index"]), process, progress=progress, overwrite=overwrite)
     except OSError as exc:
         raise disk_error(exc, Path(job.output)) from exc
     log(f"wrote {job.output}")
     if not job.keep_workdir:
         shutil.rmtree(wd.path, ignore_errors=True)
     return job.output
-
-
-def reconstruct(opts: Options, backend: Any = None, command: list[str] | None = None, config: dict | None = None,
-                progress: bool = True, log: Callable[[str], None] = lambda s: None) -> str | None:
-    """Plan (or resume), run the pending units on ``backend``, finalise. Returns the output path, or None
-    when the backend stopped early on a signal (the work directory then holds everything done so far)."""
-    from xvr_batch.backends.base import stop_flag
-
-    from xvr_batch.backends import get_backend
-
-    backend = backend or get_backend("local")
-    _check_output_target(opts)
-    wd_path = opts.resolved_workdir()
-    created = not wd_path.exists()
-    wd_path.mkdir(parents=True, exist_ok=True)
-    try:
-        with WorkDir(wd_path).lock():
-            job = prepare(opts, command, config, log=log, locked=True)
-            created = False  # the work directory now holds a valid plan
-            pending = pending_units(job)
-            done = len(job.plan().units) - len(pending)
-            if done:
-                log(f"{done} units already done; {len(pending)} to go")
-            stop_flag.install()
-            if not backend.execute(job, pending, progress=progress):
-                log(f"stopped on request; {wd_path} holds the finished units; run the same command to resume")
-                return None
-            return finalise(job, log=log, progress=progress)
-    finally:
-        if created:
-            shutil.rmtree(wd_path, ignore_errors=True)

@@ -1,19 +1,20 @@
-"""Execution backends: one small interface (:class:`~xvr_batch.backends.base.Backend`), several implementations.
+"""Execution backends: one interface (:class:`~xvr_batch.backends.base.Backend`), several implementations.
 
 ``local`` (default), ``torch`` (torch.distributed under torchrun/srun), ``mpi`` (mpi4py under
 mpiexec/srun), ``dask`` (LocalCluster or an existing scheduler) and ``dask-slurm`` (dask-jobqueue
-SLURMCluster). See docs/DISTRIBUTED.md.
-
-The launched backends (``torch``, ``mpi``) run the same command on every rank: they have a
-``run_distributed(opts, ...)`` method that every rank enters, which calls
-:func:`~xvr_batch.pipeline.reconstruct` on rank 0 only. :func:`run_reconstruct` picks the right entry.
+SLURMCluster). See docs/DISTRIBUTED.md. :func:`xvr_batch.driver.run` drives any of them: the launched
+backends (``torch``, ``mpi``) run the same command on every rank, and only the driver rank plans,
+journals and finalises.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from xvr_batch.errors import UserError
+
+if TYPE_CHECKING:
+    from xvr_batch.backends.base import Backend
 
 BACKENDS = ("local", "torch", "mpi", "dask", "dask-slurm")
 
@@ -27,7 +28,7 @@ _BACKEND_OPTIONS = {
 }
 
 
-def get_backend(name: str, **kwargs: Any):
+def get_backend(name: str, **kwargs: Any) -> "Backend":
     """The backend called ``name`` (imported lazily: mpi4py and dask are optional)."""
     if name == "local":
         from xvr_batch.backends.local import LocalBackend
@@ -63,20 +64,9 @@ def backend_kwargs(name: str, options: dict, log: Callable[[str], None] | None =
         out[key] = value
     if name == "dask" and out.get("scheduler") and out.get("workers"):
         raise UserError("--workers starts a LocalCluster and --scheduler uses an existing one: give only one")
-    if name.startswith("dask") and log is not None:
+    if log is not None:
         out["log"] = log
     return out
-
-
-def run_reconstruct(backend, opts, command: list[str] | None = None, config: dict | None = None,
-                    progress: bool = True, log: Callable[[str], None] = lambda s: None):
-    """Run a reconstruction on ``backend``: through its ``run_distributed`` entry for the launched
-    backends (every rank calls this; ranks other than 0 exit inside), else :func:`reconstruct`."""
-    entry = getattr(backend, "run_distributed", None)
-    if entry is not None:
-        return entry(opts, command=command, config=config, progress=progress, log=log)
-    from xvr_batch.pipeline import reconstruct
-    return reconstruct(opts, backend, command=command, config=config, progress=progress, log=log)
 
 
 def backend_options(f):

@@ -1,9 +1,21 @@
-"""The one small interface every execution backend implements.
+"""The interface every execution backend implements, and what they all share.
 
-A backend gets a planned :class:`~xvr_batch.pipeline.Job` and the units still pending, runs each unit with
-:class:`~xvr_batch.pipeline.UnitRunner` (the same code everywhere), and records each completion in the
-journal from one process only. It returns True when every pending unit finished, False when it stopped
-early on request (preemption or walltime signal); the driver then finalises or exits for a later resume.
+A backend's life in one process (see :func:`xvr_batch.driver.run`)::
+
+    backend.start(device)    -> True in the one process that drives the run (rank 0, the Dask client)
+      driver:  prepare -> backend.execute(job, pending) -> finalise
+      others:  backend.follow() -> the exit status the driver announced
+    backend.finish(code, message)   the driver tells the other processes how the run ended
+    backend.close()
+
+:meth:`Backend.execute` gets a planned :class:`~xvr_batch.pipeline.Job` and the units still pending, runs
+each with :class:`~xvr_batch.pipeline.UnitRunner` (the same code everywhere) and records each completion
+in the journal from the driver only (:meth:`Backend.record`). It returns True when every pending unit
+finished and False when it stopped early on request (a preemption or walltime signal); the driver then
+finalises, or exits with :data:`~xvr_batch.errors.EXIT_STOPPED` for a later resume.
+
+What every backend needs lives here once: the progress bar, journaling of completions and failures,
+turning a remote rank's error into the local exception, and the device a worker drives.
 """
 
 from __future__ import annotations
@@ -11,16 +23,14 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Protocol, Sequence
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Sequence
 
+from xvr_batch.errors import EXIT_STOPPED, UserError
 from xvr_batch.plan import Unit
 
-__all__ = ["Backend", "Backoff", "exit_code_for", "reconstruct_and_announce", "StopFlag", "stop_flag", "EXIT_STOPPED"]
-
-# Exit status after a clean stop on SIGUSR2/SIGTERM: 0, so that launchers (torchrun, srun) and the job
-# scripts in slurm/ treat it as a clean end and may requeue; the output file is then absent and the
-# message on stderr says to run the same command again to resume.
-EXIT_STOPPED = 0
+__all__ = ["Backend", "Backoff", "exit_code_for", "StopFlag", "stop_flag", "EXIT_STOPPED", "cuda_device_for",
+           "error_payload", "raise_remote_error"]
 
 
 class StopFlag:
@@ -43,6 +53,10 @@ class StopFlag:
     def set(self) -> None:
         self._event.set()
 
+    def clear(self) -> None:
+        self.signal = None
+        self._event.clear()
+
     @property
     def requested(self) -> bool:
         return self._event.is_set()
@@ -52,14 +66,6 @@ class StopFlag:
 
 
 stop_flag = StopFlag()
-
-
-class Backend(Protocol):
-    name: str
-
-    def execute(self, job, pending: Sequence[Unit], progress: bool = True) -> bool:
-        """Run ``pending`` units of ``job``; record completions; True if all finished."""
-        ...
 
 
 class Backoff:
@@ -77,9 +83,7 @@ class Backoff:
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """The exit status a launched run reports to every rank when rank 0 ends with ``exc``."""
-    from xvr_batch.errors import UserError
-
+    """The exit status a launched run reports to every rank when the driver ends with ``exc``."""
     if isinstance(exc, UserError):
         return UserError.exit_code
     if isinstance(exc, KeyboardInterrupt):
@@ -89,23 +93,90 @@ def exit_code_for(exc: BaseException) -> int:
     return 1
 
 
-def reconstruct_and_announce(backend, opts, **kwargs):
-    """Rank 0 of a launched backend: run :func:`~xvr_batch.pipeline.reconstruct` on ``backend``, then tell
-    the other ranks how it ended (``backend._announce(code, message)``), whatever happened."""
-    import sys
+def error_payload(where: str, exc: BaseException, unit: int | None = None) -> dict:
+    """A picklable, JSON-able description of ``exc`` raised by ``where`` (e.g. "rank 3") on ``unit``."""
+    return {"where": where, "unit": unit, "user": isinstance(exc, UserError),
+            "message": str(exc) or type(exc).__name__, "type": type(exc).__name__}
 
-    from xvr_batch.pipeline import reconstruct
 
-    code, message = 1, None
-    try:
-        out = reconstruct(opts, backend, **kwargs)
-        code = 0 if out is not None else EXIT_STOPPED
-        return out
-    except BaseException as exc:
-        code, message = exit_code_for(exc), str(exc)
-        raise
-    finally:
+def raise_remote_error(err: dict) -> None:
+    """Raise, in the driver, the error another process described with :func:`error_payload`."""
+    if err.get("user"):
+        raise UserError(f"{err['where']}: {err['message']}")
+    raise RuntimeError(f"{err['where']} failed: {err['type']}: {err['message']} (traceback in its log)")
+
+
+def cuda_device_for(job_device: str, index: int) -> str:
+    """The device the ``index``-th worker on a node drives: ``cuda:index`` modulo the visible GPUs.
+
+    Jobs planned for the CPU stay on the CPU; an explicit ``cuda:N`` is only remapped when the index says so."""
+    if not job_device.startswith("cuda"):
+        return job_device
+    import torch
+
+    n = torch.cuda.device_count()
+    return f"cuda:{index % n}" if n else job_device
+
+
+class Backend(ABC):
+    """One way of running the pending units of a job. Subclasses implement :meth:`execute`; the launched
+    backends (one process per rank) also override :meth:`start`, :meth:`follow` and :meth:`finish`."""
+
+    name: str = "?"
+
+    def __init__(self, device: str | None = None, log: Callable[[str], None] = lambda s: None):
+        self.device = device
+        self.log = log
+        self._bar: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, device: str = "auto") -> bool:  # noqa: ARG002
+        """Join the other processes of the run (if any), for a run on ``device`` (the ``--device`` given).
+        True in the driver process, False elsewhere."""
+        return True
+
+    def follow(self) -> int:
+        """In a process that is not the driver: work until the driver ends the run; return its exit status."""
+        raise RuntimeError(f"backend {self.name} has no processes besides the driver")
+
+    @abstractmethod
+    def execute(self, job, pending: Sequence[Unit], progress: bool = True) -> bool:
+        """Run ``pending`` units of ``job``, record completions; True if all finished, False if stopped."""
+
+    def finish(self, code: int, message: str | None) -> None:  # noqa: ARG002
+        """In the driver, after the run: tell the other processes to exit with ``code``."""
+
+    def close(self) -> None:
+        """Leave the run (process groups, connections). Idempotent."""
+
+    # ------------------------------------------------------------------ shared by every backend
+    def open_progress(self, pending: Sequence[Unit], progress: bool):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=sum(u.stop - u.start for u in pending), unit="frame", desc="reconstruct",
+                         disable=not progress, dynamic_ncols=True, smoothing=0.1)
+        return self._bar
+
+    def close_progress(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def record(self, job, rec: dict, advance: bool = True, **extra: Any) -> None:
+        """Journal one finished unit (driver only) and, unless its frames were counted as they were written
+        (``advance=False``), advance the progress bar by them."""
+        extra = {k: v for k, v in extra.items() if v is not None}
+        job.workdir_obj().record_done(rec["unit"], rec["part"], rec["sha256"], rec["frames"], extra=extra or None)
+        if advance and self._bar is not None:
+            self._bar.update(rec["frames"][1] - rec["frames"][0])
+
+    def record_failure(self, job, unit: int | None, exc_or_message: BaseException | str) -> None:
+        """Journal that ``unit`` failed, so that ``status`` shows it; never hides the original error."""
+        if unit is None:
+            return
+        text = exc_or_message if isinstance(exc_or_message, str) else (
+            f"{type(exc_or_message).__name__}: {exc_or_message}")
         try:
-            backend._announce(code, message)
-        except Exception as exc:  # never hide the real error behind a failed announcement
-            print(f"warning: could not tell the other ranks to stop: {exc}", file=sys.stderr)
+            job.workdir_obj().record_failed(int(unit), text)
+        except Exception as exc:  # noqa: BLE001  (the journal may be what failed)
+            self.log(f"warning: could not record the failure of unit {unit} in the journal: {exc}")

@@ -29,8 +29,6 @@ prepares, records every completion in the journal as it arrives (one writer) and
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import threading
@@ -39,7 +37,8 @@ import uuid
 from collections import deque
 from typing import Any, Callable, Sequence
 
-from xvr_batch.backends.base import stop_flag
+from xvr_batch.backends.base import Backend, cuda_device_for, stop_flag
+from xvr_batch.durable import canonical_hash
 from xvr_batch.errors import UserError
 from xvr_batch.plan import Unit
 
@@ -52,7 +51,7 @@ _RUNNERS_LOCK = threading.Lock()
 
 
 def _job_key(job_dict: dict) -> str:
-    return hashlib.sha256(json.dumps(job_dict, sort_keys=True, default=str).encode()).hexdigest()
+    return canonical_hash(job_dict)
 
 
 def _worker_index() -> int:
@@ -75,12 +74,7 @@ def worker_device(job_device: str) -> str:
     forced = os.environ.get("XVR_CUDA_DEVICE")
     if forced:
         return forced if forced.startswith("cuda") else f"cuda:{int(forced)}"
-    import torch
-
-    n = torch.cuda.device_count()
-    if n == 0:
-        return job_device
-    return f"cuda:{_worker_index() % n}"
+    return cuda_device_for(job_device, _worker_index())
 
 
 def run_unit_task(job_dict: dict, unit_id: int, threads: int | None = None) -> dict:
@@ -139,7 +133,7 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-class DaskBackend:
+class DaskBackend(Backend):
     """Run units as Dask tasks. Exactly one of ``scheduler`` (an address), ``slurm=True`` (a
     dask-jobqueue SLURMCluster of ``nodes`` jobs) or neither (a LocalCluster of ``workers`` processes).
 
@@ -164,15 +158,14 @@ class DaskBackend:
         for name, value in (("--gpus-per-node", gpus_per_node), ("--gpus-per-worker", gpus_per_worker)):
             if value is not None and value < 0:
                 raise UserError(f"{name} must be 0 or more, got {value}")
+        super().__init__(device, log)
         self.name = "dask-slurm" if slurm else "dask"
         self.workers, self.scheduler, self.slurm = workers, scheduler, slurm
         self.nodes, self.gpus_per_node, self.gpus_per_worker = nodes or 1, gpus_per_node or 0, gpus_per_worker
-        self.device = device
         self.retries = retries
         self.cluster_kwargs = dict(cluster_kwargs or {})
         self.on_record = on_record
         self.worker_timeout = worker_timeout  # seconds to wait for a first worker (None: for ever)
-        self.log = log
 
     # ---------------------------------------------------------------- clusters
     def _gpu_resource(self, job_device: str) -> int:
@@ -303,12 +296,10 @@ class DaskBackend:
     def _run(self, client, job, pending: Sequence[Unit], progress: bool, threads: int | None) -> bool:
         from distributed import TimeoutError as DaskTimeout
         from distributed import wait
-        from tqdm import tqdm
 
         job_dict = job.to_dict()
         token = uuid.uuid4().hex[:8]
         resources = self._task_resources(client, job)
-        wd = job.workdir_obj()
         todo = deque(pending)
         inflight: dict[Any, Unit] = {}
         recorded: set[int] = set()
@@ -316,8 +307,7 @@ class DaskBackend:
         stopping = False
         window, window_at = 1, float("-inf")
         started, seen_worker = time.monotonic(), False
-        bar = tqdm(total=sum(u.stop - u.start for u in pending), unit="frame", desc="reconstruct",
-                   disable=not progress, dynamic_ncols=True, smoothing=0.1)
+        self.open_progress(pending, progress)
         try:
             while todo or inflight:
                 if stop_flag.requested and not stopping:
@@ -354,16 +344,15 @@ class DaskBackend:
                             self.log(f"dask: unit {u.id} failed ({type(exc).__name__}: {exc}); "
                                      f"waiting for the {len(inflight)} running unit(s)")
                         errors.append((u, exc))
+                        self.record_failure(job, u.id, exc)
                     else:
-                        wd.record_done(rec["unit"], rec["part"], rec["sha256"], rec["frames"],
-                                       extra={"worker": rec["worker"]} if "worker" in rec else None)
+                        self.record(job, rec, worker=rec.get("worker"))
                         recorded.add(rec["unit"])
-                        bar.update(rec["frames"][1] - rec["frames"][0])
                         if self.on_record is not None:
                             self.on_record(rec, client)
                     fut.release()
         finally:
-            bar.close()
+            self.close_progress()
             for fut in inflight:
                 fut.cancel()
         if errors:

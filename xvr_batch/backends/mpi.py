@@ -5,9 +5,9 @@ Launch::
     mpiexec -n R xvr-batch reconstruct A.h5 -o O.h5 --backend mpi
     srun --mpi=pmi2 -n R xvr-batch reconstruct A.h5 -o O.h5 --backend mpi      # inside an allocation
 
-How the ranks work together (:func:`run_distributed`):
+How the ranks work together (:class:`MPIBackend`, :func:`xvr_batch.driver.run`):
 
-* Rank 0 runs :func:`~xvr_batch.pipeline.reconstruct` (lock, prepare, finalise). Its backend's
+* Rank 0, the driver, runs :func:`~xvr_batch.driver.reconstruct` (locks, prepare, finalise). Its backend's
   :meth:`MPIBackend.execute` sends the planned Job to every worker rank, or the error when prepare
   failed (every rank then exits with the same code, and only rank 0 prints the message).
 * Work queue: a worker sends a request (carrying the record of the unit it just finished, if any);
@@ -31,11 +31,11 @@ import traceback
 from collections import deque
 from typing import Any, Callable, Sequence
 
-from xvr_batch.backends.base import Backoff, reconstruct_and_announce, stop_flag
+from xvr_batch.backends.base import Backend, Backoff, cuda_device_for, error_payload, raise_remote_error, stop_flag
 from xvr_batch.errors import UserError
 from xvr_batch.plan import Unit
 
-__all__ = ["MPIBackend", "run_distributed"]
+__all__ = ["MPIBackend", "worker_device"]
 
 TAG_JOB, TAG_REQUEST, TAG_ASSIGN, TAG_FINAL = 11, 12, 13, 14
 
@@ -65,39 +65,46 @@ def _poll_recv(comm, source: int, tags: Sequence[int]) -> tuple[int, Any]:
         backoff.sleep()
 
 
-def _error_payload(rank: int, exc: BaseException) -> dict:
-    return {"rank": rank, "user": isinstance(exc, UserError), "message": str(exc) or type(exc).__name__,
-            "type": type(exc).__name__}
-
-
 def worker_device(job_device: str, node_index: int) -> str:
     """The device a worker rank drives: ``cuda:i`` for the i-th worker on its node, modulo the GPUs."""
-    if not job_device.startswith("cuda"):
-        return job_device
-    import torch
-
-    n = torch.cuda.device_count()
-    return f"cuda:{node_index % n}" if n else job_device
+    return cuda_device_for(job_device, node_index)
 
 
-class MPIBackend:
-    """MPI execution. :func:`run_distributed` starts every rank (the CLI does); :meth:`execute` is rank 0's
-    side, which :func:`~xvr_batch.pipeline.reconstruct` calls."""
+class MPIBackend(Backend):
+    """MPI execution: every rank of an mpiexec/srun launch runs the same command. :meth:`start` says
+    which rank drives (rank 0); rank 0's :meth:`execute` hands out units, the others work in
+    :meth:`follow` and exit with the status rank 0 sends in :meth:`finish`."""
 
     name = "mpi"
 
     def __init__(self, device: str | None = None, log: Callable[[str], None] = lambda s: None):
-        self.device = device
-        self.log = log
+        super().__init__(device, log)
         self.comm = None
         self.job_sent = False
+        self.node_index = 0
 
-    def run_distributed(self, opts, command=None, config=None, progress: bool = True,
-                        log: Callable[[str], None] = lambda s: None):
-        return run_distributed(opts, command=command, config=config, progress=progress, log=log, backend=self)
+    def start(self, device: str = "auto") -> bool:  # noqa: ARG002
+        MPI = _mpi()
+        comm = MPI.COMM_WORLD
+        rank, size = comm.Get_rank(), comm.Get_size()
+        stop_flag.install()
+        # node-local index of each worker rank (rank 0 only coordinates), for GPU binding
+        workers = comm.Split(MPI.UNDEFINED if rank == 0 else 1, rank)
+        if workers != MPI.COMM_NULL:
+            local = workers.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+            self.node_index = local.Get_rank()
+            local.Free()
+            workers.Free()
+        self.comm = comm
+        if rank == 0:
+            vendor, version = MPI.get_vendor()
+            self.log(f"mpi: world size {size} ({vendor} {'.'.join(map(str, version))}); "
+                     + ("rank 0 runs every unit itself" if size == 1
+                        else f"rank 0 hands out units to {size - 1} worker rank(s)"))
+        return rank == 0
 
     def execute(self, job, pending: Sequence[Unit], progress: bool = True) -> bool:
-        from xvr_batch.backends.local import LocalBackend
+        from xvr_batch.backends.local import run_units_here
 
         comm = self.comm
         if comm is None:
@@ -106,27 +113,23 @@ class MPIBackend:
                 raise UserError("--backend mpi: start xvr-batch reconstruct --backend mpi under mpiexec or srun "
                                 "(every rank must run the command)")
         if comm is None or comm.Get_size() == 1:
-            return LocalBackend(self.device).execute(job, pending, progress=progress)
+            return run_units_here(self, job, pending, progress)
         return self._coordinate(job, pending, progress)
 
     def _coordinate(self, job, pending: Sequence[Unit], progress: bool) -> bool:
-        from tqdm import tqdm
-
         MPI = _mpi()
         comm = self.comm
         size = comm.Get_size()
         payload = {"job": job.to_dict()}
         reqs = [comm.isend(payload, dest=r, tag=TAG_JOB) for r in range(1, size)]
         self.job_sent = True
-        wd = job.workdir_obj()
         queue = deque(pending)
         active = size - 1
         stopping = False
         recorded: set[int] = set()
         errors: list[dict] = []
         per_rank: dict[int, int] = {}
-        bar = tqdm(total=sum(u.stop - u.start for u in pending), unit="frame", desc="reconstruct",
-                   disable=not progress, dynamic_ncols=True, smoothing=0.1)
+        self.open_progress(pending, progress)
         backoff = Backoff(0.0001, 0.005)
         status = MPI.Status()
         journal_error: BaseException | None = None
@@ -141,7 +144,9 @@ class MPIBackend:
                 src = status.Get_source()
                 msg = comm.recv(source=src, tag=TAG_REQUEST)
                 if msg.get("error"):
-                    errors.append(msg["error"])
+                    err = msg["error"]
+                    errors.append(err)
+                    self.record_failure(job, err.get("unit"), f"{err['type']}: {err['message']}")
                     stopping = True
                 if msg.get("stopping"):
                     stopping = True
@@ -154,28 +159,28 @@ class MPIBackend:
                 rec = msg.get("record")
                 if rec is not None:
                     try:
-                        wd.record_done(rec["unit"], rec["part"], rec["sha256"], rec["frames"], extra={"rank": src})
+                        self.record(job, rec, rank=src)
                         recorded.add(rec["unit"])
                         per_rank[src] = per_rank.get(src, 0) + 1
-                        bar.update(rec["frames"][1] - rec["frames"][0])
                     except BaseException as exc:  # cannot record: stop everyone, then raise it
                         journal_error = journal_error or exc
                         stopping = True
         finally:
-            bar.close()
+            self.close_progress()
             MPI.Request.waitall(reqs)
         if journal_error is not None:
             raise journal_error
         if errors:
-            err = errors[0]
-            if err["user"]:
-                raise UserError(f"rank {err['rank']}: {err['message']}")
-            raise RuntimeError(f"rank {err['rank']} failed: {err['type']}: {err['message']} (traceback in its log)")
+            raise_remote_error(errors[0])
         done = ", ".join(f"rank {r}: {n}" for r, n in sorted(per_rank.items()))
         self.log(f"mpi: {len(recorded)} units done ({done or 'none'})")
         return recorded >= {u.id for u in pending}
 
-    def _announce(self, code: int, message: str | None) -> None:
+    def follow(self) -> int:
+        """A worker rank: get the Job, ask rank 0 for units until told to stop; return rank 0's exit code."""
+        return _work(self.comm, self.comm.Get_rank(), self.node_index, self.device)
+
+    def finish(self, code: int, message: str | None) -> None:
         comm = self.comm
         if comm is None or comm.Get_size() == 1:
             return
@@ -199,10 +204,11 @@ def _work(comm, rank: int, node_index: int, device: str | None) -> int:
     runner = None
     record = None
     error = None
+    failed_unit = None
     try:
         while True:
             request = {"record": record, "stopping": stop_flag.requested,
-                       "error": _error_payload(rank, error) if error is not None else None}
+                       "error": error_payload(f"rank {rank}", error, failed_unit) if error is not None else None}
             comm.send(request, dest=0, tag=TAG_REQUEST)
             record = None
             tag, uid = _poll_recv(comm, 0, (TAG_ASSIGN, TAG_FINAL))
@@ -217,42 +223,9 @@ def _work(comm, rank: int, node_index: int, device: str | None) -> int:
             except Exception as exc:
                 if not isinstance(exc, UserError):
                     traceback.print_exc()
-                error = exc
+                error, failed_unit = exc, uid
     finally:
         if runner is not None:
             runner.close()
     _, code = _poll_recv(comm, 0, (TAG_FINAL,))
     return int(code)
-
-
-def run_distributed(opts, command: list[str] | None = None, config: dict | None = None, progress: bool = True,
-                    log: Callable[[str], None] = lambda s: None, backend: MPIBackend | None = None,
-                    device: str | None = None):
-    """Run a reconstruction on every rank of an mpiexec/srun launch.
-
-    On rank 0 it returns what :func:`~xvr_batch.pipeline.reconstruct` returns (the output path, or None
-    when stopped on a signal) and raises its errors. On the other ranks it does not return: it exits with
-    rank 0's status (0, ``EXIT_STOPPED``, 2 for a user error, 1 otherwise).
-    """
-
-    MPI = _mpi()
-    comm = MPI.COMM_WORLD
-    rank, size = comm.Get_rank(), comm.Get_size()
-    stop_flag.install()
-    # node-local index of each worker rank (rank 0 only coordinates), for GPU binding
-    workers = comm.Split(MPI.UNDEFINED if rank == 0 else 1, rank)
-    node_index = 0
-    if workers != MPI.COMM_NULL:
-        local = workers.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
-        node_index = local.Get_rank()
-        local.Free()
-        workers.Free()
-    backend = backend or MPIBackend(device=device)
-    backend.log = log
-    if rank != 0:
-        raise SystemExit(_work(comm, rank, node_index, backend.device))
-    vendor, version = MPI.get_vendor()
-    log(f"mpi: world size {size} ({vendor} {'.'.join(map(str, version))}); "
-        + ("rank 0 runs every unit itself" if size == 1 else f"rank 0 hands out units to {size - 1} worker rank(s)"))
-    backend.comm = comm
-    return reconstruct_and_announce(backend, opts, command=command, config=config, progress=progress, log=log)

@@ -5,14 +5,14 @@ Launch::
     torchrun --standalone --nproc-per-node G -m xvr_batch reconstruct A.h5 -o O.h5 --backend torch
     srun -n G xvr-batch reconstruct A.h5 -o O.h5 --backend torch     # inside an allocation
 
-How the ranks work together (:func:`run_distributed`):
+How the ranks work together (:meth:`TorchBackend.start`, :func:`xvr_batch.driver.run`):
 
 * Every rank joins the default process group (NCCL on GPUs, gloo on the CPU). The rank, world size and
   local rank come from torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or from srun
   (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``). ``MASTER_ADDR`` defaults to the first node of
   the Slurm job or 127.0.0.1, ``MASTER_PORT`` to ``20000 + SLURM_JOB_ID % 20000`` (as the Slurm
   templates export it) or 29500.
-* Only rank 0 runs :func:`~xvr_batch.pipeline.reconstruct` (work-directory lock, prepare, finalise).
+* Only rank 0, the driver, runs :func:`~xvr_batch.driver.reconstruct` (locks, prepare, finalise).
   Its backend's :meth:`TorchBackend.execute` broadcasts the planned Job (``broadcast_object_list``);
   if prepare fails, the error is broadcast instead and every rank exits with the same code.
 * Units are shared dynamically through an atomic counter in the rendezvous TCPStore: each rank takes
@@ -40,15 +40,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
-from xvr_batch.backends.base import Backoff, reconstruct_and_announce, stop_flag
+from xvr_batch.backends.base import Backend, Backoff, cuda_device_for, error_payload, raise_remote_error, stop_flag
 from xvr_batch.errors import UserError
 from xvr_batch.plan import Unit
+from xvr_batch.slurm.ports import master_port
 
-__all__ = ["TorchBackend", "LaunchContext", "launch_context", "run_distributed"]
+__all__ = ["TorchBackend", "LaunchContext", "launch_context", "rank_device"]
 
-#: First port of the range MASTER_PORT is derived from under Slurm (the same as slurm.py's templates).
-MASTER_PORT_BASE = 20000
-MASTER_PORT_SPAN = 20000
 DEFAULT_MASTER_PORT = 29500
 #: Seconds a collective may wait (rank 0 may spend long in prepare or finalise); XVR_DIST_TIMEOUT overrides.
 DEFAULT_TIMEOUT_S = 6 * 3600
@@ -119,7 +117,7 @@ def launch_context() -> LaunchContext:
     if port is None:
         job_id = _int_env("SLURM_JOB_ID")
         if job_id is not None and source == "srun":
-            port = MASTER_PORT_BASE + job_id % MASTER_PORT_SPAN
+            port = master_port(job_id)
         elif world == 1:
             port = _free_port()
         else:
@@ -129,16 +127,9 @@ def launch_context() -> LaunchContext:
 
 def rank_device(job_device: str, local_rank: int, world: int) -> str:
     """The device one rank drives: ``cuda:LOCAL_RANK`` modulo the visible GPUs when on CUDA."""
-    if not job_device.startswith("cuda"):
-        return job_device
-    import torch
-
-    n = torch.cuda.device_count()
-    if n == 0:
-        return job_device
-    if world == 1 and ":" in job_device:
+    if world == 1 and job_device.startswith("cuda:"):
         return job_device  # an explicit --device cuda:N with one process is respected
-    return f"cuda:{local_rank % n}"
+    return cuda_device_for(job_device, local_rank)
 
 
 def _timeout() -> timedelta:
@@ -177,11 +168,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _error_payload(rank: int, exc: BaseException) -> dict:
-    return {"rank": rank, "user": isinstance(exc, UserError), "message": str(exc) or type(exc).__name__,
-            "type": type(exc).__name__}
-
-
 class _UnitLoop:
     """What every rank does: take the next pending unit from the shared counter, run it, post its record."""
 
@@ -196,6 +182,7 @@ class _UnitLoop:
 
         units = {u.id: u for u in self.job.plan().units}
         runner = None
+        uid = None
         k, store = self.keys, self.store
         try:
             while True:
@@ -206,9 +193,11 @@ class _UnitLoop:
                 i = store.add(k.next, 1) - 1
                 if i >= len(self.pending_ids):
                     break
+                uid = self.pending_ids[i]
                 if runner is None:
                     runner = UnitRunner(self.job, self.device)
-                rec = dict(runner.run_unit(units[self.pending_ids[i]]), rank=self.ctx.rank)
+                rec = dict(runner.run_unit(units[uid]), rank=self.ctx.rank)
+                uid = None
                 n = store.add(k.nrec, 1)
                 store.set(k.rec(n), json.dumps(rec))
                 self.count += 1
@@ -217,7 +206,7 @@ class _UnitLoop:
             if self.ctx.rank != 0 and not isinstance(exc, UserError):
                 traceback.print_exc()
             try:
-                store.set(k.error(self.ctx.rank), json.dumps(_error_payload(self.ctx.rank, exc)))
+                store.set(k.error(self.ctx.rank), json.dumps(error_payload(f"rank {self.ctx.rank}", exc, uid)))
                 store.set(k.stop, str(self.ctx.rank))
             except Exception:  # the store is gone: nothing more to tell
                 pass
@@ -233,33 +222,24 @@ class _UnitLoop:
 class _Recorder(threading.Thread):
     """Rank 0's single journal writer: appends the records every rank posts, as they arrive."""
 
-    def __init__(self, job, pending: Sequence[Unit], store, keys: _Keys, world: int, progress: bool):
+    def __init__(self, backend: "TorchBackend", job, store, keys: _Keys, world: int):
         super().__init__(name="xvr-recorder", daemon=True)
-        self.job, self.store, self.keys, self.world = job, store, keys, world
-        self.pending = {u.id for u in pending}
-        self.total = sum(u.stop - u.start for u in pending)
-        self.progress = progress
+        self.backend, self.job, self.store, self.keys, self.world = backend, job, store, keys, world
         self.recorded: set[int] = set()
         self.error: BaseException | None = None
         self.remote_errors: list[dict] = []
 
     def run(self) -> None:
-        from tqdm import tqdm
-
-        wd = self.job.workdir_obj()
         k, store = self.keys, self.store
-        bar = tqdm(total=self.total, unit="frame", desc="reconstruct", disable=not self.progress,
-                   dynamic_ncols=True, smoothing=0.1)
         backoff = Backoff(0.001, 0.05)
         n = 1
         try:
             while True:
                 if store.check([k.rec(n)]):
                     rec = json.loads(store.get(k.rec(n)))
-                    wd.record_done(rec["unit"], rec["part"], rec["sha256"], rec["frames"], extra={"rank": rec["rank"]})
+                    self.backend.record(self.job, rec, rank=rec["rank"])
                     store.delete_key(k.rec(n))
                     self.recorded.add(rec["unit"])
-                    bar.update(rec["frames"][1] - rec["frames"][0])
                     n += 1
                     backoff.reset()
                     continue
@@ -268,43 +248,78 @@ class _Recorder(threading.Thread):
                 backoff.sleep()
             for r in range(self.world):
                 if store.check([k.error(r)]):
-                    self.remote_errors.append(json.loads(store.get(k.error(r))))
+                    err = json.loads(store.get(k.error(r)))
+                    self.remote_errors.append(err)
+                    self.backend.record_failure(self.job, err.get("unit"), f"{err['type']}: {err['message']}")
         except BaseException as exc:
             self.error = exc
             try:
                 store.set(k.stop, "0")
             except Exception:
                 pass
-        finally:
-            bar.close()
 
 
-class TorchBackend:
-    """torch.distributed execution. Use :func:`run_distributed` (the CLI does) to start every rank;
-    :meth:`execute` is the rank-0 side that :func:`~xvr_batch.pipeline.reconstruct` calls."""
+class TorchBackend(Backend):
+    """torch.distributed execution: every rank of a torchrun/srun launch runs the same command.
+
+    :meth:`start` joins the process group (True on rank 0, the driver); rank 0's :meth:`execute`
+    broadcasts the planned Job and takes part in the work; the other ranks work in :meth:`follow` and
+    exit with the status rank 0 announces in :meth:`finish`. On one process it runs like ``local``.
+    """
 
     name = "torch"
 
     def __init__(self, device: str | None = None, log: Callable[[str], None] = lambda s: None):
-        self.device = device
-        self.log = log
+        super().__init__(device, log)
         self.ctx: LaunchContext | None = None
         self.token: str | None = None  # set once the Job has been broadcast
         self.store = None
+        self._joined = False
 
-    # the CLI calls this instead of reconstruct(): every rank enters here
-    def run_distributed(self, opts, command=None, config=None, progress: bool = True,
-                        log: Callable[[str], None] = lambda s: None):
-        return run_distributed(opts, command=command, config=config, progress=progress, log=log, backend=self)
+    def start(self, device: str = "auto") -> bool:
+        import torch
+        import torch.distributed as dist
+
+        ctx = launch_context()
+        stop_flag.install()
+        guess = self.device or device
+        try:
+            from xvr_batch.pipeline import resolve_device
+            guess = resolve_device(guess)
+        except UserError:
+            guess = "cpu"  # rank 0's prepare reports it, once
+        pg = "nccl" if guess.startswith("cuda") else "gloo"
+        if pg == "nccl":
+            torch.cuda.set_device(ctx.local_rank % max(1, torch.cuda.device_count()))
+        os.environ.setdefault("MASTER_ADDR", ctx.addr)
+        os.environ.setdefault("MASTER_PORT", str(ctx.port))
+        if ctx.rank == 0:
+            self.log(f"torch.distributed: world size {ctx.world} ({pg}, launched by {ctx.source}, "
+                     f"rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})")
+            ntasks = os.environ.get("SLURM_NTASKS", "1")
+            if ctx.source == "single" and ntasks.isdigit() and int(ntasks) > 1:
+                self.log(f"note: SLURM_NTASKS={ntasks} but this is not an srun step: running as one rank "
+                         f"(start the command with srun for {ntasks} ranks)")
+        try:
+            dist.init_process_group(pg, rank=ctx.rank, world_size=ctx.world, timeout=_timeout())
+        except RuntimeError as exc:  # DistNetworkError, DistStoreError: the rendezvous failed
+            raise UserError(f"torch.distributed: rank {ctx.rank} of {ctx.world} cannot join the rendezvous at "
+                            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+                            f"({str(exc).splitlines()[0]}); check MASTER_ADDR/MASTER_PORT and that every rank "
+                            "was started") from None
+        self._joined = True
+        self.ctx = ctx
+        return ctx.rank == 0
 
     def execute(self, job, pending: Sequence[Unit], progress: bool = True) -> bool:
-        if self.ctx is None:  # called outside run_distributed: fine for one process only
+        from xvr_batch.backends.local import run_units_here
+
+        if self.ctx is None:  # not started: fine for one process only
             ctx = launch_context()
             if ctx.world > 1:
                 raise UserError(f"--backend torch: {ctx.world} ranks were launched but this code path runs one; "
                                 "start xvr-batch reconstruct --backend torch under torchrun or srun")
-            from xvr_batch.backends.local import LocalBackend
-            return LocalBackend(self.device or None).execute(job, pending, progress=progress)
+            return run_units_here(self, job, pending, progress)
         import torch.distributed as dist
 
         ctx = self.ctx
@@ -314,27 +329,55 @@ class TorchBackend:
         self.token = token
         keys = _Keys(token)
         self.store = _store_client(ctx)
-        recorder = _Recorder(job, pending, _store_client(ctx), keys, ctx.world, progress)
-        recorder.start()
-        loop = _UnitLoop(job, [u.id for u in pending], self.store, keys, ctx,
-                         self.device or rank_device(job.device, ctx.local_rank, ctx.world))
-        loop.run()
-        recorder.join()
+        self.open_progress(pending, progress)
+        try:
+            recorder = _Recorder(self, job, _store_client(ctx), keys, ctx.world)
+            recorder.start()
+            loop = _UnitLoop(job, [u.id for u in pending], self.store, keys, ctx,
+                             self.device or rank_device(job.device, ctx.local_rank, ctx.world))
+            loop.run()
+            recorder.join()
+        finally:
+            self.close_progress()
         _barrier()
         if loop.error is not None:
             raise loop.error
         if recorder.error is not None:
             raise recorder.error
         if recorder.remote_errors:
-            err = recorder.remote_errors[0]
-            if err["user"]:
-                raise UserError(f"rank {err['rank']}: {err['message']}")
-            raise RuntimeError(f"rank {err['rank']} failed: {err['type']}: {err['message']} (traceback in its log)")
+            raise_remote_error(recorder.remote_errors[0])
         self.log(f"torch: {len(recorder.recorded)} units done by {ctx.world} rank(s)")
         return recorder.recorded >= {u.id for u in pending}
 
-    # after reconstruct() on rank 0: tell the other ranks how to exit
-    def _announce(self, code: int, message: str | None) -> None:
+    def follow(self) -> int:
+        """Ranks other than 0: get the Job, run units, wait for rank 0's verdict; return the exit code."""
+        import torch.distributed as dist
+
+        from xvr_batch.pipeline import Job
+
+        ctx = self.ctx
+        payload: list[Any] = [None]
+        dist.broadcast_object_list(payload, src=0)
+        msg = payload[0]
+        if "error" in msg:
+            _barrier()
+            return int(msg["code"])
+        job = Job(**msg["job"])
+        keys = _Keys(msg["token"])
+        store = _store_client(ctx)
+        dev = self.device or rank_device(job.device, ctx.local_rank, ctx.world)
+        loop = _UnitLoop(job, msg["pending"], store, keys, ctx, dev)
+        loop.run()
+        _barrier()
+        backoff = Backoff(0.001, 0.05)
+        while not store.check([keys.final]):
+            backoff.sleep()
+        code = int(store.get(keys.final))
+        store.add(keys.ack, 1)
+        return code
+
+    def finish(self, code: int, message: str | None) -> None:
+        """Rank 0, after the run: tell the other ranks how to exit."""
         import torch.distributed as dist
 
         if self.ctx is None or self.ctx.world == 1:
@@ -350,82 +393,12 @@ class TorchBackend:
         while self.store.add(keys.ack, 0) < self.ctx.world - 1 and time.monotonic() < deadline:
             backoff.sleep()
 
+    def close(self) -> None:
+        if not self._joined:
+            return
+        self._joined = False
+        import torch.distributed as dist
 
-def _follow(ctx: LaunchContext, device: str | None) -> int:
-    """Ranks other than 0: get the Job, run units, wait for rank 0's verdict; return the exit code."""
-    import torch.distributed as dist
-
-    from xvr_batch.pipeline import Job
-
-    payload: list[Any] = [None]
-    dist.broadcast_object_list(payload, src=0)
-    msg = payload[0]
-    if "error" in msg:
-        _barrier()
-        return int(msg["code"])
-    job = Job(**msg["job"])
-    keys = _Keys(msg["token"])
-    store = _store_client(ctx)
-    dev = device or rank_device(job.device, ctx.local_rank, ctx.world)
-    loop = _UnitLoop(job, msg["pending"], store, keys, ctx, dev)
-    loop.run()
-    _barrier()
-    backoff = Backoff(0.001, 0.05)
-    while not store.check([keys.final]):
-        backoff.sleep()
-    code = int(store.get(keys.final))
-    store.add(keys.ack, 1)
-    return code
-
-
-def run_distributed(opts, command: list[str] | None = None, config: dict | None = None, progress: bool = True,
-                    log: Callable[[str], None] = lambda s: None, backend: TorchBackend | None = None,
-                    device: str | None = None):
-    """Run a reconstruction on every rank of a torchrun/srun launch.
-
-    On rank 0 it returns what :func:`~xvr_batch.pipeline.reconstruct` returns (the output path, or None
-    when stopped on a signal) and raises its errors. On the other ranks it does not return: it exits
-    with rank 0's status (0, ``EXIT_STOPPED``, 2 for a user error, 1 otherwise), printing nothing for
-    errors that rank 0 reports.
-    """
-    import torch
-    import torch.distributed as dist
-
-    from xvr_batch.pipeline import resolve_device
-
-    ctx = launch_context()
-    stop_flag.install()
-    backend = backend or TorchBackend(device=device)
-    backend.log = log
-    try:
-        guess = resolve_device(opts.device)
-    except UserError:
-        guess = "cpu"  # rank 0's prepare reports it, once
-    pg = "nccl" if guess.startswith("cuda") else "gloo"
-    if pg == "nccl":
-        torch.cuda.set_device(ctx.local_rank % max(1, torch.cuda.device_count()))
-    os.environ.setdefault("MASTER_ADDR", ctx.addr)
-    os.environ.setdefault("MASTER_PORT", str(ctx.port))
-    if ctx.rank == 0:
-        log(f"torch.distributed: world size {ctx.world} ({pg}, launched by {ctx.source}, "
-            f"rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})")
-        ntasks = os.environ.get("SLURM_NTASKS", "1")
-        if ctx.source == "single" and ntasks.isdigit() and int(ntasks) > 1:
-            log(f"note: SLURM_NTASKS={ntasks} but this is not an srun step: running as one rank "
-                f"(start the command with srun for {ntasks} ranks)")
-    try:
-        dist.init_process_group(pg, rank=ctx.rank, world_size=ctx.world, timeout=_timeout())
-    except RuntimeError as exc:  # DistNetworkError, DistStoreError: the rendezvous failed
-        raise UserError(f"torch.distributed: rank {ctx.rank} of {ctx.world} cannot join the rendezvous at "
-                        f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({str(exc).splitlines()[0]}); "
-                        "check MASTER_ADDR/MASTER_PORT and that every rank was started") from None
-    try:
-        if ctx.rank != 0:
-            code = _follow(ctx, backend.device)
-            raise SystemExit(code)
-        backend.ctx = ctx
-        return reconstruct_and_announce(backend, opts, command=command, config=config, progress=progress, log=log)
-    finally:
         try:
             dist.destroy_process_group()
         except Exception:
