@@ -1,8 +1,8 @@
 """Score a reconstruction against dense ground truth, next to two simple baselines.
 
 ``xvr-batch evaluate RECON.h5 TRUTH.h5`` (a thin CLI over :func:`evaluate`, :func:`format_table`
-and :func:`plot`) compares ``/exchange/data`` of a reconstruction (DESIGN.md section 4) with
-``/exchange/data_gt`` of the archive it was made from (DESIGN.md section 3).
+and :func:`plot`) compares ``/exchange/data`` of a reconstruction (docs/ARCHITECTURE.md, "Output") with
+``/exchange/data_gt`` of the archive it was made from (the archive layout of README.md).
 
 What is scored
 --------------

@@ -1,6 +1,6 @@
 """SWIN-XVR: a shifted-window video transformer that fuses LR frames with HR key frames.
 
-The network follows DESIGN.md §2 (facts taken from the authors' public XFusion code):
+The network follows the facts of the authors' public XFusion code (docs/ARCHITECTURE.md, "The model"):
 
     lr (B, NL, 1, h, w) ──conv3x3+LReLU──────────────────────────────┐
     hr (B, 2, 1, 4h, 4w) ─conv+LReLU─conv+LReLU+pool─conv+LReLU+pool──┤ stack in time: D = NL + 2 slices
