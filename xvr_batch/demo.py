@@ -1,4 +1,5 @@
-"""``xvr-batch demo``: synthesise a small archive, reconstruct it with the default weights, score it."""
+"""``xvr-batch demo``: synthesise a small archive, reconstruct it with the default weights, score it, and
+write a preview picture (when matplotlib is installed)."""
 
 from __future__ import annotations
 
@@ -33,5 +34,12 @@ def run_demo(directory: Path, frames: int = 60, seed: int = 1234, progress: bool
     result = evaluate(str(output), str(archive), frames="between")
     echo(format_table(result))
     echo(f"output: {output}")
+    from xvr_batch.errors import UserError
+    from xvr_batch.preview import write_preview
+    try:
+        picture = write_preview(str(output), directory / "demo_preview.png", archive=str(archive))
+        echo(f"preview: {picture['output']} (LR upsampled | reconstruction | key-frame blend | truth)")
+    except UserError as exc:  # matplotlib is an optional extra
+        echo(f"preview: skipped ({exc})")
     echo(f"time: synth {t1 - t0:.1f} s, reconstruct {t2 - t1:.1f} s, evaluate {time.perf_counter() - t2:.1f} s")
     return result
