@@ -49,8 +49,10 @@ def test_every_frame_emitted_once_with_its_bracket(n, keys, nl, head):
 
 def test_units_cover_archive_and_share_global_batches():
     plan = make_plan(40, (3, 11, 30), 3, "all", unit_frames=7, batch=3)
-    assert [(u.start, u.stop) for u in plan.units][:2] == [(0, 7), (7, 14)]
-    assert plan.units[-1].stop == 40
+    # nominal boundaries 7, 14, ... moved to the nearest batch boundary (batches of 3 windows: 9 frames here)
+    assert [(u.start, u.stop) for u in plan.units][:2] == [(0, 9), (9, 17)]
+    assert len(plan.units) == 6 and plan.units[-1].stop == 40
+    assert all(a.stop == b.start for a, b in zip(plan.units, plan.units[1:]))
     for u in plan.units:
         b0, b1 = u.batches
         wins = plan.windows[b0 * 3:b1 * 3]
@@ -196,11 +198,12 @@ def test_second_process_is_refused_and_stale_lock_taken_over(tmp_path, archive, 
 
 def test_status_and_resume_commands(tmp_path, archive, tiny_weights):
     opts = _opts(archive, tmp_path / "o.h5", tiny_weights, unit_frames=10)
-    _partial_run(opts, 2)
+    job = _partial_run(opts, 2)
     wd = tmp_path / "o.h5.xvr"
     r = cli("status", wd, "--json", check=True)
     st = json.loads(r.stdout)
-    assert len(st["done"]) == 2 and len(st["pending"]) == 2 and st["frames_done"] == 20
+    done_frames = job.plan().units[1].stop  # units are cut at batch boundaries near 10, 20, 30
+    assert len(st["done"]) == 2 and len(st["pending"]) == 2 and st["frames_done"] == done_frames
     r = cli("status", wd, check=True)
     assert "2/4 units done" in r.stdout
     r = cli("resume", wd, "-q", check=True)

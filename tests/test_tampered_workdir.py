@@ -108,7 +108,7 @@ def test_pipeline_workdir_is_valid(workdir):
 
 def test_forged_record_pointing_at_the_manifest_is_not_trusted(workdir):
     sha = __import__("hashlib").sha256(workdir.manifest_path.read_bytes()).hexdigest()
-    forge(workdir, unit=2, part="manifest.json", sha256=sha, frames=[20, 30])
+    forge(workdir, unit=2, part="manifest.json", sha256=sha, frames=list(workdir.plan_units()[2]))
     done = workdir.completed_units(verify=True)
     assert sorted(done) == [0, 1]
     assert "parts/unit-000002.h5" in workdir.problems[2]
@@ -117,12 +117,14 @@ def test_forged_record_pointing_at_the_manifest_is_not_trusted(workdir):
 
 def test_forged_record_pointing_at_another_units_part_is_not_trusted(workdir):
     rec0 = workdir.read_journal()[0]
-    forge(workdir, unit=3, part=rec0["part"], sha256=rec0["sha256"], frames=[30, 40])
-    forge(workdir, unit=2, part="parts/../parts/unit-000002.h5", sha256=rec0["sha256"], frames=[20, 30])
+    plan = workdir.plan_units()  # forged records with the right frames: only the part path gives them away
+    forge(workdir, unit=3, part=rec0["part"], sha256=rec0["sha256"], frames=list(plan[3]))
+    forge(workdir, unit=2, part="parts/../parts/unit-000002.h5", sha256=rec0["sha256"], frames=list(plan[2]))
     forge(workdir, unit=1, part="parts//unit-000001.h5", sha256=workdir.read_journal()[1]["sha256"],
-          frames=[10, 20])
+          frames=list(plan[1]))
     assert sorted(workdir.completed_units(verify=True)) == [0]
     assert set(workdir.problems) == {1, 2, 3}
+    assert all("was recorded for frames" not in r for r in workdir.problems.values()), workdir.problems
     for reason in workdir.problems.values():
         one_line(UserError(reason))
 
@@ -136,7 +138,7 @@ def test_a_part_that_is_a_symlink_or_fifo_is_not_trusted(workdir):
     assert 1 not in workdir.completed_units(verify=True) and "symlink" in workdir.problems[1]
     part1.unlink()
     os.mkfifo(part1)
-    forge(workdir, unit=1, part="parts/unit-000001.h5", sha256=sha1, frames=[10, 20])
+    forge(workdir, unit=1, part="parts/unit-000001.h5", sha256=sha1, frames=list(workdir.plan_units()[1]))
     assert 1 not in workdir.completed_units(verify=True) and "FIFO" in workdir.problems[1]
 
 
@@ -230,7 +232,7 @@ def test_a_journal_directory_or_symlink_and_a_parts_file_are_user_errors(workdir
     os.unlink(workdir.journal_path)
     shutil.rmtree(workdir.parts_dir)
     workdir.parts_dir.write_text("not a folder")
-    forge(workdir, unit=0, part="parts/unit-000000.h5", sha256="0" * 64, frames=[0, 10])
+    forge(workdir, unit=0, part="parts/unit-000000.h5", sha256="0" * 64, frames=list(workdir.plan_units()[0]))
     st = workdir.status(verify=True)  # a result, with the reason
     assert st["done"] == [] and "unit-000000.h5" in st["problems"][0]
     readers_are_total(workdir)

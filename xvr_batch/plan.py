@@ -23,8 +23,10 @@ Batches
     byte-identical to a single pass.
 
 Units
-    Unit u owns output frames [u*U, min((u+1)*U, N)). It reads its own frames plus a halo: the LR frames and
-    key frames that its batches need.
+    There are ceil(N/U) units. The nominal boundary u*U is moved to the nearest global-batch boundary (the first
+    frame of a batch) when that keeps the units in order, so that no batch is run by two units (a unit shorter
+    than a batch keeps its nominal boundary and shares a batch). Unit u owns output frames [start_u, start_{u+1}).
+    It reads its own frames plus a halo: the LR frames and key frames that its batches need.
 """
 
 from __future__ import annotations
@@ -38,10 +40,14 @@ import psutil
 from xvr_batch.errors import UserError
 
 __all__ = ["Window", "WindowTable", "Segment", "Unit", "segments", "plan_windows", "plan_units", "reflect",
-           "Plan", "make_plan", "plan_memory_bytes", "MAX_UNITS"]
+           "Plan", "make_plan", "plan_memory_bytes", "MAX_UNITS",
+           "unit_starts", "duplicate_batch_fraction", "UNIT_LAYOUT"]
 
 EDGE_POLICY = ("frames before the first key frame use (k_0, k_0); frames after the last key frame use "
                "(k_{K-1}, k_{K-1}): the nearest key frame on both sides")
+
+#: How units are cut (recorded in the plan): boundaries snapped to global-batch boundaries (see unit_starts).
+UNIT_LAYOUT = "batch-aligned"
 
 #: Most work units one plan may have: each is a part file, a journal entry and a manifest row.
 MAX_UNITS = 100_000
@@ -212,8 +218,12 @@ def plan_units(windows: Sequence[Window], n_frames: int, unit_frames: int, batch
         raise ValueError("unit_frames must be >= 1")
     if batch < 1:
         raise ValueError("batch must be >= 1")
-    starts = np.arange(0, n_frames, unit_frames, dtype=np.int64)
-    stops = np.minimum(starts + unit_frames, n_frames)
+    if isinstance(windows, WindowTable):
+        emit_lo = windows.emit_lo
+    else:
+        emit_lo = np.array([min(t for t, _ in w.emit) for w in windows], dtype=np.int64)
+    starts = unit_starts(emit_lo, n_frames, unit_frames, batch)
+    stops = np.r_[starts[1:], n_frames].astype(np.int64)
     if isinstance(windows, WindowTable):
         fmin, fmax = windows.frame_bounds()
         kp, kn = windows.key_prev, windows.key_next
@@ -238,6 +248,44 @@ def plan_units(windows: Sequence[Window], n_frames: int, unit_frames: int, batch
         units.append(Unit(uid, int(starts[uid]), int(stops[uid]), (b0, b1),
                           (int(fmin[w0:w1].min()), int(fmax[w0:w1].max()) + 1), tuple(int(k) for k in keys)))
     return units
+
+
+def unit_starts(emit_lo: np.ndarray, n_frames: int, unit_frames: int, batch: int) -> np.ndarray:
+    """First output frame of every unit: nominal boundaries ``u * unit_frames`` moved to the nearest global-batch
+    boundary, so that no batch is computed by two units.
+
+    ``emit_lo`` is the first frame each window emits (increasing). A batch boundary is the first frame of window
+    ``b * batch``. Boundary ``u`` becomes the batch boundary nearest to ``u * U`` (ties to the lower one) if it
+    lies strictly between the boundary chosen before it and the next nominal boundary ``(u + 1) * U``;
+    otherwise (units shorter than a batch) it stays at ``u * U``. So the number of units is always
+    ``ceil(N / U)``, every unit is non-empty, and a unit is within one batch span of ``U`` frames long.
+    """
+    n_units = -(-int(n_frames) // int(unit_frames))
+    nominal = np.arange(n_units, dtype=np.int64) * int(unit_frames)
+    bstart = np.asarray(emit_lo, dtype=np.int64)[::int(batch)]
+    if n_units <= 1 or len(bstart) == 0:
+        return nominal
+    c = nominal[1:]
+    idx = np.searchsorted(bstart, c, side="left")  # bstart[idx] is the first batch start >= c
+    up = np.where(idx < len(bstart), bstart[idx.clip(0, len(bstart) - 1)], np.iinfo(np.int64).max // 2)
+    down = np.where(idx > 0, bstart[(idx - 1).clip(0)], np.iinfo(np.int64).min // 2)
+    snapped = np.where(up - c < c - down, up, down)
+    nxt = np.r_[c[1:], n_frames]
+    out = np.empty(n_units, dtype=np.int64)
+    out[0] = 0
+    prev = 0
+    for i in range(len(c)):  # sequential rule; about 1 µs a unit
+        s = int(snapped[i])
+        b = s if prev < s < int(nxt[i]) else int(c[i])
+        out[i + 1] = prev = b
+    return out
+
+
+def duplicate_batch_fraction(plan: "Plan") -> float:
+    """Extra model batches the units compute beyond the global batches (0.0: no batch runs twice)."""
+    n_batches = -(-len(plan.windows) // plan.batch)
+    run = sum(u.batches[1] - u.batches[0] for u in plan.units)
+    return run / max(1, n_batches) - 1.0
 
 
 def batch_windows(windows: Sequence[Window], b: int, batch: int) -> list[Window]:
@@ -265,7 +313,7 @@ class Plan:
             "n_batches": -(-len(self.windows) // self.batch), "edge_policy": EDGE_POLICY,
             "window_policy": ("all: non-overlapping NL-frame windows inside each bracket, last one shifted back"
                               if self.head == "all" else "centre: sliding window, reflected at the archive ends"),
-            "units": [u.to_dict() for u in self.units],
+            "unit_layout": UNIT_LAYOUT, "units": [u.to_dict() for u in self.units],
         }
 
     def frames_of(self, units: Iterable[Unit]) -> int:

@@ -2,8 +2,9 @@
 
 Layout of a part::
 
-    /data          (n, H, W) the unit's own output frames, exactly as computed (dtype kept),
-                   contiguous and uncompressed (parts are short-lived; speed matters more)
+    /data          (n, H, W) the unit's own output frames, exactly as computed (dtype kept), chunks
+                   (1, H, W) compressed with the output's codec (``compression``; "none" by default),
+                   so that the stitch copies the chunks into the output without decoding them
     attrs start    first frame index of the unit in the output (int)
     attrs stop     start + n (int)
     attrs ...      caller's provenance; scalars as they are, anything else as a JSON string
@@ -21,8 +22,11 @@ Crash-safety guarantees:
   bytes on disk after the file was closed, so it is what :func:`verify_part` will see later. The
   caller records it in the journal (:meth:`xvr_batch.workdir.WorkDir.record_done`) only after
   this returns.
-* Writing the same frames and attrs again gives the same bytes (HDF5 timestamps are off), so a
-  redone unit has the same checksum.
+* Writing the same frames and attrs again gives the same bytes (HDF5 timestamps are off, chunks are
+  written in frame order), so a redone unit has the same checksum.
+* :func:`remember_verified` / :func:`known_sha256`: a process remembers the sha256 of the parts it
+  committed (or verified) together with their inode, size and change times, so that it never hashes
+  the same unchanged part twice (``finalise`` relies on it).
 * :func:`read_part` raises :class:`~xvr_batch.errors.UserError` on any damaged part, so that a
   corrupt part is reported with its path rather than as an HDF5 traceback.
 """
@@ -31,6 +35,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
+import stat
 from typing import Any, Dict, Optional, Tuple, Union
 
 import h5py
@@ -39,7 +45,8 @@ import numpy as np
 from xvr_batch.durable import AtomicH5File, canonical_json, sha256_file
 from xvr_batch.errors import UserError
 
-__all__ = ["StreamingPart", "write_part", "read_part", "verify_part", "read_part_attrs"]
+__all__ = ["StreamingPart", "write_part", "read_part", "verify_part", "read_part_attrs", "remember_verified",
+           "known_sha256"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -65,6 +72,38 @@ def _attr_value(value: Any) -> Any:
     return canonical_json(value)
 
 
+_known_lock = threading.Lock()
+_known: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
+
+
+def _signature(path: PathLike) -> Optional[Tuple[int, ...]]:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def remember_verified(path: PathLike, sha256: str) -> None:
+    """Remember that ``path``, as it is now (inode, size, mtime, ctime), has ``sha256``."""
+    sig = _signature(path)
+    if sig is not None:
+        with _known_lock:
+            _known[os.path.abspath(os.fspath(path))] = (str(sha256).lower(), sig)
+
+
+def known_sha256(path: PathLike) -> Optional[str]:
+    """The sha256 this process computed for ``path`` if the file has not changed since; else None."""
+    key = os.path.abspath(os.fspath(path))
+    with _known_lock:
+        entry = _known.get(key)
+    if entry is None:
+        return None
+    return entry[0] if _signature(path) == entry[1] else None
+
+
 class StreamingPart:
     """A part written frame by frame, so that a unit never holds all its frames in memory.
 
@@ -74,7 +113,7 @@ class StreamingPart:
     :class:`~xvr_batch.durable.DiskFullError`."""
 
     def __init__(self, path: PathLike, start: int, n: int, frame_shape: Tuple[int, int], dtype: Any,
-                 attrs: Optional[Dict[str, Any]] = None):
+                 attrs: Optional[Dict[str, Any]] = None, compression: str = "none"):
         self.path = pathlib.Path(path)
         start = int(start)
         if start < 0:
@@ -84,12 +123,18 @@ class StreamingPart:
         if clash:
             raise ValueError(f"attrs may not set {sorted(clash)}")
         values = {key: _attr_value(attrs[key]) for key in sorted(attrs)}  # bad values fail here
+        from xvr_batch.io.output import ChunkCodec, compression_kwargs
+
+        self.n, self.frame_shape, self.dtype = int(n), tuple(int(v) for v in frame_shape), np.dtype(dtype)
+        kwargs = compression_kwargs(compression)
+        self.codec = ChunkCodec.for_compression(compression, self.dtype, self.frame_shape) if self.n else None
         self._out: Optional[AtomicH5File] = AtomicH5File(self.path, overwrite=True, locking=False)
         self.tmp = self._out.tmp
         fh = self._out.file
         try:
-            self._ds = fh.create_dataset("data", shape=(int(n), *frame_shape), dtype=np.dtype(dtype),
-                                         track_times=False)
+            chunked = dict(chunks=(1, *self.frame_shape), **kwargs) if self.n and all(self.frame_shape) else {}
+            self._ds = fh.create_dataset("data", shape=(self.n, *self.frame_shape), dtype=self.dtype,
+                                         track_times=False, **chunked)
             fh.attrs["start"] = np.int64(start)
             fh.attrs["stop"] = np.int64(start + int(n))
             for key, value in values.items():
@@ -107,20 +152,38 @@ class StreamingPart:
         return self._out
 
     def write(self, i: int, frame: np.ndarray) -> None:
-        """Write frame ``i`` of the unit (0-based within the part)."""
+        """Write frame ``i`` of the unit (0-based within the part), encoding it in this thread."""
         self._live()
+        frame = np.asarray(frame)
+        if frame.shape != self.frame_shape:
+            raise ValueError(f"frame shape {frame.shape} != {self.frame_shape}")
+        if self.codec is None or self._ds.chunks is None:
+            try:
+                self._ds[i] = frame
+            except BaseException as exc:
+                raise self._fail(exc) from exc
+            return
+        data, mask = self.codec.encode(frame.astype(self.dtype, copy=False))
+        self.write_chunk(i, data, mask)
+
+    def write_chunk(self, i: int, data: bytes, filter_mask: int = 0) -> None:
+        """Store frame ``i`` already encoded by :attr:`codec` (``write_direct_chunk``; thread: one writer)."""
+        self._live()
+        if not 0 <= int(i) < self.n:
+            raise IndexError(f"frame {i} outside the part's {self.n} frames")
         try:
-            self._ds[i] = frame
+            self._ds.id.write_direct_chunk((int(i), 0, 0), data, int(filter_mask))
         except BaseException as exc:
             raise self._fail(exc) from exc
 
     def write_all(self, frames: np.ndarray) -> None:
         """Write all frames at once."""
         self._live()
-        try:
-            self._ds[...] = frames
-        except BaseException as exc:
-            raise self._fail(exc) from exc
+        frames = np.asarray(frames)
+        if frames.shape != (self.n, *self.frame_shape):
+            raise ValueError(f"frames shape {frames.shape} != {(self.n, *self.frame_shape)}")
+        for i in range(self.n):
+            self.write(i, frames[i])
 
     def commit(self) -> str:
         """Make the part durable under its final name; return the sha256 of its bytes."""
@@ -132,6 +195,7 @@ class StreamingPart:
         except BaseException as exc:
             raise out.fail(exc) from exc
         out.publish()
+        remember_verified(self.path, sha)
         return sha
 
     def abort(self) -> None:
@@ -142,7 +206,8 @@ class StreamingPart:
 
 
 def write_part(
-    path: PathLike, start: int, frames: np.ndarray, attrs: Optional[Dict[str, Any]] = None
+    path: PathLike, start: int, frames: np.ndarray, attrs: Optional[Dict[str, Any]] = None,
+    compression: str = "none",
 ) -> str:
     """Write ``frames`` (n, H, W) of the unit starting at ``start`` to ``path``; return its sha256.
 
@@ -153,7 +218,7 @@ def write_part(
     frames = np.ascontiguousarray(np.asarray(frames))
     if frames.ndim != 3:
         raise ValueError(f"frames must be (n, H, W), got shape {frames.shape}")
-    part = StreamingPart(path, start, frames.shape[0], frames.shape[1:], frames.dtype, attrs)
+    part = StreamingPart(path, start, frames.shape[0], frames.shape[1:], frames.dtype, attrs, compression)
     part.write_all(frames)
     return part.commit()
 
