@@ -31,7 +31,8 @@ def estimate_memory(cfg, batch: int, h: int, w: int) -> int:
 def describe_plan(archive: str, weights: str | None = None, unit_frames: int = 128, batch: int = 4,
                   tile: int | None = None, tile_overlap: int | None = None, lr: str | None = None,
                   hr: str | None = None, hr_index: str | None = None, hr_stride: int | None = None,
-                  hr_offset: int = 0, wait_for_writer: float | None = None) -> dict[str, Any]:
+                  hr_offset: int = 0, wait_for_writer: float | None = None,
+                  registration: str = "auto") -> dict[str, Any]:
     """The plan of ``archive`` as a JSON-serialisable dict (see :func:`format_plan`); writes nothing.
 
     Opens the archive as :class:`Archive` does (so every refusal of a hostile or incomplete archive applies;
@@ -46,6 +47,9 @@ def describe_plan(archive: str, weights: str | None = None, unit_frames: int = 1
         n, (h, w), (hh, ww) = arc.n_frames, arc.lr_shape, arc.hr_shape
         plan = make_plan(n, arc.hr_index, cfg.num_lr, cfg.head, unit_frames, batch)
         hr_idx = [int(k) for k in arc.hr_index]
+        from xvr_batch.registration import resolve as resolve_registration
+        notes: list[str] = []
+        reg = resolve_registration(arc, registration, log=notes.append)
     from xvr_batch.model import SwinXVR
     th, tw = (min(tile, h), min(tile, w)) if tile else (h, w)
     model = SwinXVR(cfg)
@@ -74,6 +78,8 @@ def describe_plan(archive: str, weights: str | None = None, unit_frames: int = 1
         "overhead_pct": 100.0 * (windows_run - len(plan.windows)) / max(1, len(plan.windows)),
         "flops_per_call": call_flops * n_tiles, "total_tflop": call_flops * n_tiles * windows_run / 1e12,
         "peak_memory_bytes": peak, "warnings": warnings,
+        "registration": reg.to_dict() if reg is not None else None, "registration_mode": registration,
+        "registration_notes": notes,
         "output_bytes_float32": n * hh * ww * 4,
         "policy": plan.to_dict()["edge_policy"], "window_policy": plan.to_dict()["window_policy"],
     }
@@ -94,6 +100,16 @@ def format_plan(info: dict[str, Any], max_rows: int = 20) -> str:
         f"memory: ~{info['peak_memory_bytes'] / 2**30:.2f} GiB peak per process (fp32 estimate); "
         f"output {info['output_bytes_float32'] / 2**30:.2f} GiB as float32 before compression",
     ]
+    if info.get("registration"):
+        from xvr_batch.registration import Registration
+        r = info["registration"]
+        reg = Registration(r["matrix"], r["lr_shape"], r["grid_shape"], source=r.get("source", ""),
+                           stats=r.get("stats") or {})
+        lines.append(f"registration ({reg.source}): {reg.summary()}; LR resampled onto the HR grid, outside "
+                     f"{100 * (1 - reg.overlap()):.1f}% filled from the key-frame blend")
+    else:
+        lines.append(f"registration: none (--registration {info.get('registration_mode', 'auto')}; LR read as it is)")
+    lines += [f"note: {n}" for n in info.get("registration_notes", []) if "registration" in n and "no transform" in n]
     lines += [f"warning: {w}" for w in info.get("warnings", [])]
     lines += ["", f"{'unit':>5} {'frames':>15} {'halo':>5} {'LR read':>15} {'batches':>12}  key frames"]
     units = info["units"]

@@ -1013,3 +1013,180 @@ def synthesize(path: str | os.PathLike[str], **kwargs: Any) -> dict[str, Any]:
         "hr_index": arrays["/exchange/hr_index"].tolist(),
         "shapes": {k: tuple(v.shape) for k, v in arrays.items()},
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# two cameras: two files, two clocks, two views
+# ----------------------------------------------------------------------------------------------
+_STREAM_NOISE_TWO = 5
+_STREAM_CLOCKS = 6
+
+#: Default misregistration of the LR camera: LR pixel (x, y) sees the HR/scale grid at M @ (x, y, 1).
+TWO_CAMERA_DEFAULTS = dict(rotation_deg=1.5, scale_factor=1.02, shift=(1.5, -1.2), flip=False)
+
+
+def _lr_view_matrix(lr_shape: tuple[int, int], rotation_deg: float, scale_factor: float,
+                    shift: tuple[float, float], flip: bool) -> np.ndarray:
+    """The 2x3 matrix (registration convention) of a view rotated/scaled about the field centre."""
+    h, w = lr_shape
+    th = math.radians(rotation_deg)
+    a = scale_factor * np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    if flip:
+        a = a @ np.diag([-1.0, 1.0])
+    c = np.array([(w - 1) / 2, (h - 1) / 2])
+    t = c - a @ c + np.asarray(shift, dtype=np.float64)
+    return np.c_[a, t]
+
+
+def _sample_view(exit_hr: np.ndarray, m: np.ndarray, lr_shape: tuple[int, int], scale: int) -> np.ndarray:
+    """What an LR pixel sees: the exit intensity averaged over its footprint at grid point M @ (x, y, 1)."""
+    from scipy import ndimage
+
+    box = ndimage.uniform_filter(exit_hr.astype(np.float64), size=scale, mode="nearest")
+    off = (scale - 1) / 2 + (0.5 if scale % 2 == 0 else 0.0)
+    h, w = lr_shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    u = m[0, 0] * xx + m[0, 1] * yy + m[0, 2]
+    v = m[1, 0] * xx + m[1, 1] * yy + m[1, 2]
+    out = ndimage.map_coordinates(box, [scale * v + off, scale * u + off], order=3, mode="nearest")
+    return np.maximum(out, 0.0).astype(np.float32)
+
+
+def two_cameras(
+    outdir: str | os.PathLike[str],
+    n_frames: int = 60,
+    hr_shape: tuple[int, int] = (128, 160),
+    scale: int = 4,
+    stride: int = 10,
+    offset: int = 3,
+    seed: int = 0,
+    families: Sequence[str] | str | None = None,
+    speed: float | None = None,
+    dtype: str = "uint16",
+    rotation_deg: float = TWO_CAMERA_DEFAULTS["rotation_deg"],
+    scale_factor: float = TWO_CAMERA_DEFAULTS["scale_factor"],
+    shift: tuple[float, float] = TWO_CAMERA_DEFAULTS["shift"],
+    flip: bool = False,
+    lr_rate: float = 1.0e6,
+    hr_delay: float = 2.5e-6,
+    skew_ppm: float = 20.0,
+    tiff: bool | None = None,
+) -> dict[str, Any]:
+    """Write a two-camera experiment into ``outdir`` and return a summary (also ``truth.json``).
+
+    * ``lr.h5``: the LR camera, misregistered by ``rotation_deg``/``scale_factor``/``shift``/``flip``
+      (about the field centre): ``/entry/data/data`` (N, h, w), ``/entry/data/time`` (N,) seconds on the
+      LR clock, ``/entry/instrument/detector/dark`` and ``.../flat``.
+    * the HR camera, its own clock (offset by ``hr_delay`` s, running ``skew_ppm`` fast), starting one key
+      interval before the LR camera (that frame has no LR partner): ``hr/hr.tif`` (multi-page),
+      ``hr/hr_time.csv`` (``frame,time``), ``hr/dark.tif``, ``hr/flat.tif`` when tifffile is installed
+      (or ``tiff=True``), else ``hr.h5`` (``/hr/data``, ``/hr/time``, ``/hr/dark``, ``/hr/flat``).
+    * ``truth.h5``: the aligned archive of the same scene (exactly what :func:`synthesize` writes with the
+      same arguments, dense truth included) and ``truth.json``: the true transform (``matrix``, 2x3, LR
+      pixel to HR/scale grid), the true ``hr_index`` and the ``hr_delay`` to pass to ``assemble``.
+    """
+    from xvr_batch.durable import AtomicH5File, atomic_path, atomic_write_bytes
+
+    if int(offset) >= int(stride):
+        raise ValueError(f"offset {offset} must be below stride {stride}: the HR camera starts one key interval "
+                         "before the LR camera")
+    out = os.fspath(outdir)
+    os.makedirs(out, exist_ok=True)
+    if tiff is None:
+        try:
+            import tifffile  # noqa: F401
+            tiff = True
+        except ImportError:
+            tiff = False
+    elif tiff:
+        import tifffile  # noqa: F401  (ImportError: the caller asked for TIFF)
+    arrays, params = _generate(n_frames, hr_shape, scale, stride, offset, seed, families, speed, None, None, dtype)
+    write_archive(os.path.join(out, "truth.h5"), arrays, params)
+    hr_index = arrays["/exchange/hr_index"]
+
+    # the same scene, cameras and beam as _generate (same streams), seen by a misregistered LR camera
+    hh, ww = (int(v) for v in hr_shape)
+    h, w = hh // scale, ww // scale
+    choice = _rng(seed, _STREAM_CHOICE)
+    names = _resolve_families(families, choice)
+    speeds = {f: float(speed) if speed is not None else float(_loguniform(choice, *SPEED_RANGE)) for f in names}
+    lr_dose = float(_loguniform(choice, *LR_DOSE_RANGE))
+    hr_dose = float(_loguniform(choice, *HR_DOSE_RANGE))
+    bg = _Background(_rng(seed, _STREAM_BACKGROUND), (hh, ww))
+    movers = [_FAMILY_CLASSES[f](_rng(seed, _STREAM_FAMILY0 + FAMILIES.index(f)), bg, speeds[f] * scale, n_frames)
+              for f in names]
+    beam = _Beam(_rng(seed, _STREAM_BEAM), (hh, ww), n_frames)
+    cam_rng = _rng(seed, _STREAM_CAMERA)
+    phase_c = float(cam_rng.uniform(0.15, 0.4))
+    hr_cam = _Camera(cam_rng, (hh, ww), hr_dose, fill=(0.4, 0.7), offset=(80.0, 600.0), read=(3.0, 12.0),
+                     psf=(0.5, 0.9))
+    lr_cam = _Camera(cam_rng, (h, w), lr_dose, fill=(0.25, 0.55), offset=(300.0, 1500.0), read=(5.0, 30.0),
+                     psf=(0.3, 0.6))
+    noise = _rng(seed, _STREAM_NOISE_TWO)
+    m = _lr_view_matrix((h, w), rotation_deg, scale_factor, shift, flip)
+    dt = np.dtype(dtype).name
+
+    def exit_at(t: float) -> np.ndarray:
+        a = bg.attenuation.copy()
+        for mv in movers:
+            a += mv.attenuation(float(t))
+        np.maximum(a, 0.0, out=a)
+        return beam(float(t)) * (np.exp(-a) * np.clip(1.0 + phase_c * _laplacian(a), 0.3, 2.0))
+
+    lr = np.stack([lr_cam.record(_sample_view(exit_at(t), m, (h, w), scale), noise) for t in range(n_frames)])
+    hr_times_lr = [int(offset) - int(stride)] + [int(t) for t in hr_index]  # one HR frame before the LR start
+    hr = np.empty((len(hr_times_lr), hh, ww), np.float32)
+    hr[1:] = arrays["/exchange/data_hr"].astype(np.float32)
+    hr[0] = _to_dtype(hr_cam.record(exit_at(hr_times_lr[0]), noise), dt)
+    lr_dark = np.stack([lr_cam.dark_frame(noise) for _ in range(6)])
+    lr_flat = np.stack([lr_cam.record(_sample_view(beam(float(k - 11)), m, (h, w), scale), noise) for k in range(6)])
+
+    clocks = _rng(seed, _STREAM_CLOCKS)
+    period = 1.0 / float(lr_rate)
+    lr_t0 = 1.0e-3
+    lr_time = lr_t0 + np.arange(n_frames) * period + clocks.normal(0, 0.01 * period, n_frames)
+    true_hr = lr_t0 + np.asarray(hr_times_lr, np.float64) * period
+    hr_time = true_hr * (1 + skew_ppm * 1e-6) - hr_delay + clocks.normal(0, 0.01 * period, len(true_hr))
+
+    with AtomicH5File(os.path.join(out, "lr.h5"), overwrite=True) as f:
+        f.create_dataset("/entry/data/data", data=_to_dtype(lr, dt), chunks=(1, h, w))
+        f["/entry/data/time"] = lr_time
+        f["/entry/data/time"].attrs["units"] = "s"
+        f["/entry/instrument/detector/dark"] = _to_dtype(lr_dark, dt)
+        f["/entry/instrument/detector/flat"] = _to_dtype(lr_flat, dt)
+    hr_dark = _to_dtype(np.stack([hr_cam.dark_frame(noise) for _ in range(4)]), dt)
+    hr_flat = _to_dtype(np.stack([hr_cam.record(beam(float(k - 9)), noise) for k in range(4)]), dt)
+    hr_stack = hr.astype(dt)
+    times_csv = "frame,time\n" + "".join(f"{i},{t:.12e}\n" for i, t in enumerate(hr_time))
+    if tiff:
+        import tifffile
+
+        os.makedirs(os.path.join(out, "hr"), exist_ok=True)
+        for name, data in (("hr.tif", hr_stack), ("dark.tif", hr_dark), ("flat.tif", hr_flat)):
+            with atomic_path(os.path.join(out, "hr", name)) as tmp:
+                tifffile.imwrite(tmp, data, photometric="minisblack")
+        atomic_write_bytes(os.path.join(out, "hr", "hr_time.csv"), times_csv.encode())
+        hr_files = {"hr": "hr/hr.tif", "hr_time": "hr/hr_time.csv", "hr_dark": "hr/dark.tif",
+                    "hr_flat": "hr/flat.tif"}
+    else:
+        with AtomicH5File(os.path.join(out, "hr.h5"), overwrite=True) as f:
+            f.create_dataset("/hr/data", data=hr_stack, chunks=(1, hh, ww))
+            f["/hr/time"] = hr_time
+            f["/hr/dark"] = hr_dark
+            f["/hr/flat"] = hr_flat
+        hr_files = {"hr": "hr.h5:/hr/data", "hr_time": "hr.h5:/hr/time", "hr_dark": "hr.h5:/hr/dark",
+                    "hr_flat": "hr.h5:/hr/flat"}
+    truth = {
+        "format": "xvr_batch.synth.two_cameras/1",
+        "matrix": m.tolist(),
+        "rotation_deg": float(rotation_deg), "scale_factor": float(scale_factor), "shift": list(map(float, shift)),
+        "flip_x": bool(flip), "hr_index": [int(t) for t in hr_index], "hr_frames_without_lr": [0],
+        "lr_rate": float(lr_rate), "hr_delay": float(hr_delay), "skew_ppm": float(skew_ppm),
+        "lr_shape": [h, w], "hr_shape": [hh, ww], "scale": int(scale),
+        "files": {"lr": "lr.h5:/entry/data/data", "lr_time": "lr.h5:/entry/data/time",
+                  "lr_dark": "lr.h5:/entry/instrument/detector/dark",
+                  "lr_flat": "lr.h5:/entry/instrument/detector/flat", **hr_files, "truth": "truth.h5"},
+        "seed": int(seed), "families": params["families"],
+    }
+    atomic_write_bytes(os.path.join(out, "truth.json"), (json.dumps(truth, indent=2) + "\n").encode())
+    return truth

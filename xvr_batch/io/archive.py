@@ -81,7 +81,7 @@ try:  # POSIX only; without it, lock probing is skipped
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["ArchivePaths", "Archive", "inspect_file", "CALIBRATIONS", "FINGERPRINT_VERSION"]
+__all__ = ["ArchivePaths", "Archive", "inspect_file", "CALIBRATIONS", "FINGERPRINT_VERSION", "REGISTRATION_PATH"]
 
 #: Names accepted by :meth:`Archive.calibration`, in a fixed order.
 CALIBRATIONS: tuple[str, ...] = ("dark_lr", "white_lr", "dark_hr", "white_hr")
@@ -94,6 +94,9 @@ FINGERPRINT_LR_SAMPLES = 10
 
 #: Key-frame gaps above this are warned about by :meth:`Archive.describe`.
 LARGE_KEY_GAP = 50
+
+#: Where ``xvr-batch assemble`` stores the LR->HR registration (2x3 matrix, see xvr_batch.registration).
+REGISTRATION_PATH = "/exchange/registration"
 
 #: Spatial factor of the default model; other scales are warned about by describe().
 DEFAULT_MODEL_SCALE = 4
@@ -1026,6 +1029,68 @@ class Archive:
             self._calib_ds[name] = self._check_calibration(name)
 
         self._check_gt()
+        self._registration: dict[str, Any] | None = None
+        self._registration_problem: str | None = None
+        self._read_registration()
+
+    def _read_registration(self) -> None:
+        """``/exchange/registration`` (written by ``xvr-batch assemble``): a 2x3 float matrix mapping LR
+        pixel (x, y, 1) to the HR/scale grid, with attributes. Malformed: noted, and refused when used."""
+        obj = self._lookup(REGISTRATION_PATH, strict=False)
+        if obj is None:
+            return
+        problem = None
+        matrix = None
+        if not isinstance(obj, h5py.Dataset):
+            problem = f"{REGISTRATION_PATH} is not a dataset"
+        elif tuple(obj.shape or ()) != (2, 3):
+            problem = f"dataset {REGISTRATION_PATH} has shape {_shape_str(obj.shape or ())}, not (2, 3)"
+        else:
+            try:
+                if not _is_numeric(obj.dtype):
+                    problem = f"dataset {REGISTRATION_PATH} has non-numeric dtype {_dtype_str(obj)}"
+                else:
+                    matrix = np.asarray(obj[()], dtype=np.float64)
+            except (*_H5_ERRORS, TypeError, ValueError) as err:
+                problem = f"dataset {REGISTRATION_PATH} cannot be read ({_short(err)})"
+            if matrix is not None and not np.isfinite(matrix).all():
+                problem, matrix = f"dataset {REGISTRATION_PATH} holds NaN or Inf", None
+        if problem is not None:
+            self._registration_problem = problem
+            self._notes.append(f"registration ignored: {problem}")
+            return
+        attrs: dict[str, Any] = {}
+        with contextlib.suppress(*_H5_ERRORS, TypeError, ValueError):
+            for key, value in obj.attrs.items():
+                if isinstance(value, bytes):
+                    value = value.decode("utf-8", "replace")
+                elif isinstance(value, np.ndarray):
+                    value = value.tolist()
+                elif isinstance(value, np.generic):
+                    value = value.item()
+                attrs[str(key)] = value
+        stats = {}
+        if isinstance(attrs.get("stats_json"), str):
+            with contextlib.suppress(ValueError):
+                stats = json.loads(attrs["stats_json"])
+        self._registration = {
+            "matrix": matrix.tolist(),  # type: ignore[union-attr]
+            "lr_shape": list(self.lr_shape),
+            "grid_shape": [self.hr_shape[0] // self.scale, self.hr_shape[1] // self.scale],
+            "stats": stats if isinstance(stats, dict) else {},
+            "attrs": {k: v for k, v in attrs.items() if k != "stats_json"},
+        }
+
+    @property
+    def registration(self) -> dict[str, Any] | None:
+        """The stored LR->grid transform ``{matrix, lr_shape, grid_shape, stats, attrs}``, or None when
+        absent. A malformed ``/exchange/registration`` raises :class:`UserError` here."""
+        if self._registration_problem is not None:
+            raise UserError(
+                f"{self.path}: {self._registration_problem}; fix it, re-run xvr-batch assemble, or pass "
+                "--registration none or FILE.json"
+            )
+        return self._registration
 
     def _resolve_hr_index(self, hr_stride: int | None, hr_offset: int, n: int, k: int) -> None:
         p = self.paths
@@ -1400,6 +1465,24 @@ class Archive:
                 sample(role, path, ds, sorted({0, last}))
         return h.hexdigest()
 
+    def _timing_summary(self) -> dict[str, Any] | None:
+        """``/exchange/timing`` (written by ``assemble``): the clock match of the key frames, or None."""
+        grp = self._lookup("/exchange/timing", strict=False)
+        if not isinstance(grp, h5py.Group):
+            return None
+        out: dict[str, Any] = {}
+        with contextlib.suppress(*_H5_ERRORS, TypeError, ValueError):
+            res = grp.get("match_residual")
+            if isinstance(res, h5py.Dataset) and res.ndim == 1 and res.shape[0] <= 10**7:
+                r = np.asarray(res[()], dtype=np.float64)
+                if r.size and np.isfinite(r).all():
+                    out["max_abs_residual_s"] = float(np.abs(r).max())
+                    out["rms_residual_s"] = float(np.sqrt(np.mean(r * r)))
+            for key, value in grp.attrs.items():
+                out[str(key)] = value.item() if isinstance(value, np.generic) else (
+                    value.decode() if isinstance(value, bytes) else value)
+        return out
+
     def _all_datasets(self) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
 
@@ -1518,6 +1601,8 @@ class Archive:
             "key_frames": key,
             "calibrations": calibrations,
             "has_gt": self.has_gt,
+            "registration": self._registration,
+            "timing": self._timing_summary(),
             "warnings": warnings,
         }
 

@@ -1,0 +1,160 @@
+"""Registration of the LR camera's view onto the HR grid (xvr_batch.registration) and its use in reconstruct."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import make_archive, read_data
+from xvr_batch import registration as R
+from xvr_batch import synth
+from xvr_batch.errors import UserError
+
+
+def _pairs(d: Path, truth: dict):
+    import tifffile
+    with h5py.File(d / "lr.h5") as f:
+        lr = f["/entry/data/data"][()].astype(float)
+        dark, flat = f["/entry/instrument/detector/dark"][()].mean(0), f["/entry/instrument/detector/flat"][()].mean(0)
+    hr = tifffile.imread(d / "hr/hr.tif").astype(float)
+    hd, hf = tifffile.imread(d / "hr/dark.tif").mean(0), tifffile.imread(d / "hr/flat.tif").mean(0)
+    lrs = [R._flat(lr[i], dark, flat) for i in truth["hr_index"]]
+    hrs = [R._flat(hr[k + 1], hd, hf) for k in range(len(truth["hr_index"]))]
+    return lrs, hrs
+
+
+@pytest.fixture(scope="module")
+def cams(tmp_path_factory):
+    pytest.importorskip("tifffile")
+    d = tmp_path_factory.mktemp("cams")
+    truth = synth.two_cameras(d, n_frames=61, hr_shape=(128, 160), stride=10, offset=3, seed=3, tiff=True)
+    return d, truth
+
+
+def test_fit_matches_truth(cams):
+    d, truth = cams
+    reg = R.fit_pairs(*_pairs(d, truth), 4)
+    err = reg.displacement_px(np.array(truth["matrix"]))
+    p = reg.params()
+    assert err < 0.1, err  # largest error over the LR field, LR px
+    assert abs(p["rotation_deg"] - truth["rotation_deg"]) < 0.05
+    assert not p["flip_x"] and reg.stats["overlap"] > 0.9 and reg.stats["ncc"] > 0.99
+
+
+def test_fit_finds_a_flip(tmp_path):
+    pytest.importorskip("tifffile")
+    truth = synth.two_cameras(tmp_path, n_frames=31, hr_shape=(128, 160), stride=10, offset=3, seed=4, flip=True,
+                              rotation_deg=-2.0, shift=(0.7, 0.4), tiff=True)
+    reg = R.fit_pairs(*_pairs(tmp_path, truth), 4)
+    assert reg.params()["flip_x"]
+    assert reg.displacement_px(np.array(truth["matrix"])) < 0.3
+
+
+def test_fit_fails_clearly_on_unrelated_views():
+    rng = np.random.default_rng(0)
+    lrs = [rng.normal(size=(32, 40)) for _ in range(4)]
+    hrs = [rng.normal(size=(128, 160)) for _ in range(4)]
+    with pytest.raises(R.RegistrationError) as exc:
+        R.fit_pairs(lrs, hrs, 4)
+    msg = str(exc.value)
+    assert "correlation" in msg and "--registration FILE.json" in msg and "\n" not in msg
+
+
+def test_params_and_json_round_trip(tmp_path):
+    m = synth._lr_view_matrix((32, 40), 1.5, 1.02, (1.5, -1.2), False)
+    reg = R.Registration(m, (32, 40), (32, 40))
+    p = reg.params()
+    assert math.isclose(p["rotation_deg"], 1.5, abs_tol=1e-9) and math.isclose(p["scale"], 1.02, rel_tol=1e-9)
+    f = tmp_path / "reg.json"
+    f.write_text(json.dumps(reg.to_dict()))
+    back = R.load_json(str(f), (32, 40), (32, 40))
+    assert np.allclose(back.matrix, m)
+    flipped = R.Registration(synth._lr_view_matrix((32, 40), 0, 1, (0, 0), True), (32, 40), (32, 40))
+    assert flipped.params()["flip_x"]
+    assert R.Registration.identity((8, 8), (8, 8)).is_identity()
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{not json", "cannot read"),
+    ('{"matrix": [[1, 0], [0, 1]]}', "not 2x3"),
+    ('{"matrix": [[0, 0, 0], [0, 0, 0]]}', "degenerate"),
+    ('{"matrix": [[1, 0, 0], [0, 1, 0]], "lr_shape": [3, 3]}', "another archive"),
+    ('[1, 2]', "matrix"),
+])
+def test_bad_registration_file_is_a_one_line_error(run_cli, tmp_path, tiny_weights, content, words):
+    arc = make_archive(tmp_path / "a.h5")
+    bad = tmp_path / "reg.json"
+    bad.write_text(content)
+    out = tmp_path / "out.h5"
+    r = run_cli("reconstruct", arc, "-o", out, "--weights", tiny_weights, "--registration", bad, "-q")
+    assert r.code == 2, r.err
+    assert words in r.err and r.err.count("\n") == 1
+    assert not out.exists() and not list(tmp_path.glob(".out.h5*"))
+    r = run_cli("reconstruct", arc, "-o", out, "--weights", tiny_weights, "--registration", tmp_path / "missing.json")
+    assert r.code == 2 and "not found" in r.err
+
+
+def test_aligned_archive_keeps_its_bytes(run_cli, tmp_path, tiny_weights):
+    """auto on an aligned archive (no stored transform) gives exactly the bytes of --registration none."""
+    arc = tmp_path / "a.h5"
+    synth.synthesize(arc, n_frames=24, hr_shape=(64, 96), stride=8, seed=2)
+    outs = {}
+    for mode in ("auto", "none"):
+        out = tmp_path / f"{mode}.h5"
+        r = run_cli("reconstruct", arc, "-o", out, "--weights", tiny_weights, "--registration", mode, "-q",
+                    "--unit-frames", "8")
+        assert r.code == 0, r.err
+        outs[mode] = read_data(out)
+        with h5py.File(out) as f:
+            assert "registration" not in json.loads(f["/process/xvr_batch"].attrs.get("settings", "{}")
+                                                    if isinstance(f["/process/xvr_batch"].attrs.get("settings"), str)
+                                                    else "{}")
+    assert outs["auto"].tobytes() == outs["none"].tobytes()
+    small = make_archive(tmp_path / "small.h5")
+    assert R.resolve(__import__("xvr_batch.io.archive", fromlist=["Archive"]).Archive(small), "auto") is None
+
+
+def test_register_command(run_cli, tmp_path, cams):
+    d, truth = cams
+    arc = tmp_path / "arc.h5"
+    f = truth["files"]
+    r = run_cli("assemble", "-o", arc, "--lr", d / f["lr"], "--lr-time", d / f["lr_time"], "--lr-dark",
+                d / f["lr_dark"], "--lr-flat", d / f["lr_flat"], "--hr", d / f["hr"], "--hr-time", d / f["hr_time"],
+                "--hr-delay", truth["hr_delay"], "--hr-dark", d / f["hr_dark"], "--hr-flat", d / f["hr_flat"])
+    assert r.code == 0, r.err
+    r = run_cli("register", arc, "-o", tmp_path / "reg.json", "--plot", tmp_path / "reg.png")
+    assert r.code == 0, r.err
+    assert "rotation +1.5" in r.out and "overlap" in r.out
+    reg = json.loads((tmp_path / "reg.json").read_text())
+    assert np.max(np.abs(np.array(reg["matrix"]) - np.array(truth["matrix"]))) < 0.1
+    assert (tmp_path / "reg.png").read_bytes()[:4] == b"\x89PNG"
+    r = run_cli("inspect", arc)
+    assert "registration shift" in r.out and "clocks" in r.out
+    r = run_cli("plan", arc)
+    assert r.code == 0 and "registration (archive)" in r.out
+    r = run_cli("plan", arc, "--registration", "none")
+    assert "registration: none" in r.out
+    r = run_cli("register", tmp_path / "missing.h5")
+    assert r.code == 2 and "not found" in r.err
+
+
+def test_resume_refuses_another_registration(run_cli, tmp_path, tiny_weights, cams):
+    d, truth = cams
+    f = truth["files"]
+    arc = tmp_path / "arc.h5"
+    assert run_cli("assemble", "-o", arc, "--lr", d / f["lr"], "--lr-time", d / f["lr_time"], "--hr", d / f["hr"],
+                   "--hr-time", d / f["hr_time"], "--hr-delay", truth["hr_delay"]).code == 0
+    out = tmp_path / "o.h5"
+    wd = tmp_path / "wd"
+    r = run_cli("reconstruct", arc, "-o", out, "--weights", tiny_weights, "--workdir", wd, "--keep-workdir", "-q")
+    assert r.code == 0, r.err
+    man = json.loads((wd / "manifest.json").read_text())
+    assert man["job"]["settings"]["registration"]["source"] == "archive"
+    out.unlink()
+    r = run_cli("reconstruct", arc, "-o", out, "--weights", tiny_weights, "--workdir", wd, "--registration", "none")
+    assert r.code == 2 and "settings changed" in r.err and "registration" in r.err
