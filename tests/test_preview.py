@@ -97,3 +97,12 @@ def test_cli_preview_and_its_errors(recon, tmp_path, run_cli):
         assert r.code == 2, r.err
         lines = r.err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.err
+
+
+def test_demo_scores_and_writes_a_preview(tmp_path, run_cli):
+    """The README's first command: the demo reconstructs with the shipped weights, scores and previews."""
+    r = run_cli("demo", "--dir", tmp_path, "--frames", "21", "-q")
+    assert r.code == 0, r.err
+    assert "swin_xvr" in r.out and "key_blend" in r.out
+    assert f"preview: {tmp_path / 'demo_preview.png'}" in r.out
+    assert (tmp_path / "demo_preview.png").read_bytes()[:4] == b"\x89PNG"

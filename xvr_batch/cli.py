@@ -93,6 +93,10 @@ def run_options(f):
                      help="Run the model on LR tiles of this size (for frames too large for memory)."),
         click.option("--tile-overlap", type=click.IntRange(min=1), default=None,
                      help="Tile overlap in LR pixels [2 windows]; at least one window."),
+        click.option("--registration", default="auto", show_default=True, metavar="auto|none|FILE.json",
+                     help="LR->HR view registration: auto = the archive's /exchange/registration, else one fitted "
+                          "on the key frames and applied only if it is not the identity; none; or a JSON file "
+                          "(docs/TWO_CAMERAS.md)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -133,6 +137,15 @@ def inspect_cmd(archive, lr, hr, hr_index, hr_stride, hr_offset, wait_for_writer
     cal = info.get("calibrations", {})
     click.echo("  darks/flats " + ", ".join(f"{k}: {'yes (%d)' % v['n_frames'] if v else 'no'}" for k, v in cal.items()))
     click.echo(f"  truth       {'data_gt present' if info.get('has_gt') else 'none'}")
+    reg = info.get("registration")
+    if reg:
+        from xvr_batch.registration import Registration
+        r = Registration(reg["matrix"], reg["lr_shape"], reg["grid_shape"], stats=reg.get("stats") or {})
+        click.echo(f"  registration {r.summary()}")
+    tim = info.get("timing")
+    if tim and tim.get("max_abs_residual_s") is not None:
+        click.echo(f"  clocks      key frames matched to LR frames within {tim['max_abs_residual_s']:.3g} s "
+                   f"(rms {tim['rms_residual_s']:.3g} s; reference: {tim.get('reference_clock', 'LR camera')})")
     click.echo("  datasets:")
     for d in info.get("datasets", []):
         click.echo(f"    {d['path']:<28} {str(tuple(d['shape'])):<20} {d['dtype']:<8} "
@@ -179,8 +192,15 @@ from xvr_batch.backends import BACKENDS, backend_options  # noqa: E402  (the bac
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch [torch default].")
 @click.option("--dtype", type=click.Choice(["float32", "uint16"]), default="float32", show_default=True,
               help="Output dtype, in HR camera counts.")
-@click.option("--compression", type=click.Choice(["zstd", "lz4", "blosc-zstd", "gzip", "none"]), default="zstd",
-              show_default=True, help="Output codec (through hdf5plugin; recorded in the file).")
+@click.option("--compression", type=click.Choice(["bitshuffle", "blosc-lz4", "zstd", "lz4", "blosc-zstd", "gzip",
+                                                 "none"]), default="bitshuffle", show_default=True,
+              help="Output codec, also of the parts (through hdf5plugin; recorded in the file). bitshuffle "
+                   "(lz4) was the fastest and compressed best of the fast ones (benchmarks/RESULTS.md).")
+@click.option("--compile/--no-compile", "compile", default=False, show_default=True,
+              help="torch.compile the model: one graph, Inductor default mode, deterministic (no autotuning); "
+                   "the first batch of each shape compiles (about a minute).")
+@click.option("--attention", type=click.Choice(["sdpa", "flex"]), default="sdpa", show_default=True,
+              help="Window attention kernel: sdpa, or flex (FlexAttention; fast with --compile).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--force-replan", is_flag=True, help="Discard an incompatible earlier work directory and start over.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the work directory (manifest, parts) after success.")
@@ -206,6 +226,9 @@ def reconstruct_cmd(archive, output, backend, quiet, launcher, partition, accoun
     Re-running the same command resumes: finished units are verified by checksum and skipped.
     Under torchrun, srun or mpiexec (--backend torch or mpi) every rank runs this same command.
     With --nodes N (and a backend other than dask-slurm) it submits itself as a Slurm job instead.
+
+    Exit status: 0 done; 2 a problem you can fix (one line on stderr); 75 stopped cleanly on request
+    (SIGUSR2/SIGTERM), resumable with the same command.
     """
     from xvr_batch.backends import backend_kwargs, get_backend
     from xvr_batch.driver import run
@@ -331,7 +354,7 @@ def resume_cmd(workdir, backend_override, quiet):
 # ---------------------------------------------------------------------------------------- synth
 
 @command("synth")
-@click.argument("output", type=click.Path(dir_okay=False))
+@click.argument("output", type=click.Path())
 @click.option("--frames", "n_frames", type=click.IntRange(min=2), default=200, show_default=True, help="LR time steps N.")
 @click.option("--hr-size", nargs=2, type=click.IntRange(min=8), default=(256, 256), show_default=True,
               help="HR frame height and width (multiples of the scale).")
@@ -342,9 +365,17 @@ def resume_cmd(workdir, backend_override, quiet):
 @click.option("--speed", type=float, default=None, help="Motion speed in LR pixels per frame [random].")
 @click.option("--dtype", type=click.Choice(["uint16", "uint8", "float32"]), default="uint16", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
-def synth_cmd(output, n_frames, hr_size, stride, offset, seed, families, speed, dtype, overwrite):
+@click.option("--two-cameras", is_flag=True,
+              help="OUTPUT is a folder: two cameras' files (LR HDF5, HR TIFF + timestamps), misregistered, two "
+                   "clocks, plus truth.h5 and truth.json (see docs/TWO_CAMERAS.md).")
+def synth_cmd(output, n_frames, hr_size, stride, offset, seed, families, speed, dtype, overwrite, two_cameras):
     """Write a realistic synthetic x-ray archive (with dense truth /exchange/data_gt) to OUTPUT."""
     from xvr_batch import synth
+    if two_cameras:
+        _synth_two_cameras(output, n_frames, hr_size, stride, offset, seed, families, speed, dtype, overwrite)
+        return
+    if Path(output).is_dir():
+        raise UserError(f"{output}: is a directory; give a file name (or pass --two-cameras to write a folder)")
     if Path(output).exists() and not overwrite:
         raise UserError(f"{output}: already exists; pass --overwrite or choose another name")
     bad = [f for f in families if f not in synth.FAMILIES]
@@ -356,6 +387,110 @@ def synth_cmd(output, n_frames, hr_size, stride, offset, seed, families, speed, 
     except ValueError as exc:
         raise UserError(f"{output}: {exc}") from None
     click.echo(f"wrote {output}: " + json.dumps(summary, default=str))
+
+
+def _synth_two_cameras(output, n_frames, hr_size, stride, offset, seed, families, speed, dtype, overwrite) -> None:
+    from xvr_batch import synth
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{output}: exists and is not a folder (--two-cameras writes a folder)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{output}: folder is not empty; pass --overwrite or choose another folder")
+    if not out.parent.is_dir():
+        raise UserError(f"{output}: parent folder {out.parent} does not exist; create it first")
+    bad = [f for f in families if f not in synth.FAMILIES]
+    if bad:
+        raise UserError(f"--family {bad[0]!r}: choose from {', '.join(synth.FAMILIES)}")
+    if offset >= stride:
+        raise UserError(f"--offset {offset}: with --two-cameras give an offset below --stride {stride} (the HR "
+                        "camera starts one key interval before the LR camera)")
+    try:
+        truth = synth.two_cameras(output, n_frames=n_frames, hr_shape=tuple(hr_size), stride=stride, offset=offset,
+                                  seed=seed, families=list(families) or None, speed=speed, dtype=dtype)
+    except ValueError as exc:
+        raise UserError(f"{output}: {exc}") from None
+    f = truth["files"]
+    click.echo(f"wrote {output}: " + json.dumps({k: truth[k] for k in ("rotation_deg", "scale_factor", "shift",
+                                                                          "hr_index", "hr_delay")}))
+    click.echo(f"assemble it with: xvr-batch assemble -o {out / 'archive.h5'} --lr {out / f['lr']} --lr-time "
+               f"{out / f['lr_time']} --lr-dark {out / f['lr_dark']} --lr-flat {out / f['lr_flat']} --hr "
+               f"{out / f['hr']} --hr-time {out / f['hr_time']} --hr-delay {truth['hr_delay']!r} --hr-dark "
+               f"{out / f['hr_dark']} --hr-flat {out / f['hr_flat']}")
+
+
+# ---------------------------------------------------------------------------------------- assemble / register
+
+@command("assemble")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Archive to write.")
+@click.option("--lr", "lr", required=True, metavar="SRC",
+              help="LR frames: FILE.h5:/dataset, a TIFF file, folder or glob, or a Photron .cihx/.mraw.")
+@click.option("--hr", "hr", required=True, metavar="SRC", help="HR frames (same kinds of SRC).")
+@click.option("--lr-dark", default=None, metavar="SRC", help="LR dark frames.")
+@click.option("--lr-flat", default=None, metavar="SRC", help="LR flat (white) frames.")
+@click.option("--hr-dark", default=None, metavar="SRC", help="HR dark frames.")
+@click.option("--hr-flat", default=None, metavar="SRC", help="HR flat (white) frames.")
+@click.option("--lr-time", default=None, metavar="SRC",
+              help="LR timestamps (s): FILE.h5:/dataset or a text/CSV file, one per frame.")
+@click.option("--hr-time", default=None, metavar="SRC", help="HR timestamps (s), as --lr-time.")
+@click.option("--lr-rate", type=float, default=None, metavar="HZ", help="LR frame rate (instead of --lr-time).")
+@click.option("--hr-rate", type=float, default=None, metavar="HZ", help="HR frame rate (instead of --hr-time).")
+@click.option("--hr-delay", type=float, default=0.0, show_default=True, metavar="SECONDS",
+              help="Added to HR times to put them on the LR clock (the reference).")
+@click.option("--time-tolerance", type=float, default=0.25, show_default=True, metavar="PERIODS",
+              help="Largest |HR time - LR time| of a match, in LR periods (< 0.5).")
+@click.option("--link", is_flag=True, help="Reference HDF5 sources through external links / virtual datasets.")
+@click.option("--no-register", is_flag=True, help="Do not fit /exchange/registration.")
+@click.option("--affine", is_flag=True, help="Fit a full affine transform instead of shift+rotation+scale(+flip).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def assemble_cmd(output, lr, hr, lr_dark, lr_flat, hr_dark, hr_flat, lr_time, hr_time, lr_rate, hr_rate, hr_delay,
+                 time_tolerance, link, no_register, affine, overwrite):
+    """Build a standard archive from two cameras' files: match clocks, fit the registration."""
+    from xvr_batch.assemble import assemble
+    summary = assemble(output, lr, hr, lr_dark=lr_dark, lr_flat=lr_flat, hr_dark=hr_dark, hr_flat=hr_flat,
+                       lr_time=lr_time, hr_time=hr_time, lr_rate=lr_rate, hr_rate=hr_rate, hr_delay=hr_delay,
+                       tolerance=time_tolerance, link=link, overwrite=overwrite, register=not no_register,
+                       affine=affine, log=_echo_err)
+    click.echo(f"wrote {output}: {summary['n_frames']} LR frames, {len(summary['hr_index'])} key frames at "
+               f"{summary['hr_index'][:8]}{' ...' if len(summary['hr_index']) > 8 else ''}")
+
+
+@command("register")
+@click.argument("archive", type=click.Path())
+@archive_options
+@click.option("-o", "--output", "reg_out", type=click.Path(dir_okay=False), default=None,
+              help="Write the transform as JSON (the --registration FILE.json format).")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG: checkerboards before/after and an overlay.")
+@click.option("--affine", is_flag=True, help="Fit a full affine transform.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def register_cmd(archive, lr, hr, hr_index, hr_stride, hr_offset, wait_for_writer, reg_out, plot_out, affine,
+                 as_json):
+    """Fit the LR->HR registration of ARCHIVE on its key frames; report parameters, residual and overlap."""
+    from xvr_batch.durable import atomic_write_bytes
+    from xvr_batch.io.archive import Archive, ArchivePaths
+    from xvr_batch.registration import fit_archive, plot
+    base = ArchivePaths()
+    paths = ArchivePaths(lr=lr or base.lr, hr=hr or base.hr, hr_index=hr_index or base.hr_index)
+    with Archive(archive, paths, hr_stride, hr_offset, wait_for_writer=wait_for_writer) as arc:
+        reg = fit_archive(arc, affine=affine, log=_echo_err)
+        if plot_out:
+            plot(arc, reg, plot_out)
+    d = reg.to_dict()
+    if reg_out:
+        atomic_write_bytes(reg_out, (json.dumps(d, indent=2) + "\n").encode())
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+    else:
+        m = reg.matrix
+        click.echo(f"{archive}: {reg.summary()}")
+        click.echo(f"  matrix  [[{m[0, 0]:.6f}, {m[0, 1]:.6f}, {m[0, 2]:.4f}], [{m[1, 0]:.6f}, {m[1, 1]:.6f}, "
+                   f"{m[1, 2]:.4f}]]  (LR pixel (x, y, 1) -> HR/{arc.scale} grid)")
+        click.echo(f"  identity would give ncc {reg.stats['ncc_identity']:.3f}, residual "
+                   f"{reg.stats['residual_identity']:.3f}")
+    if reg_out:
+        click.echo(f"transform written to {reg_out}")
+    if plot_out:
+        click.echo(f"plot written to {plot_out}")
 
 
 # ---------------------------------------------------------------------------------------- evaluate
@@ -379,6 +514,24 @@ def evaluate_cmd(recon, truth, frames, max_frames, json_out, plot_out):
     if plot_out:
         ev.plot(result, recon, truth, plot_out)
         click.echo(f"plot written to {plot_out}")
+
+
+# ---------------------------------------------------------------------------------------- preview
+
+@command("preview")
+@click.argument("recon", type=click.Path())
+@click.option("--archive", type=click.Path(), default=None,
+              help="The input archive [the path recorded in RECON, if it exists]; adds LR, key-frame blend, truth.")
+@click.option("--frames", default=None, metavar="A:B", help="Frame range, Python slice bounds (100:140, -20:) [all].")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="FILE.png (a strip of up to 6 frames), FILE.gif or FILE.mp4 (a movie).")
+@click.option("--fps", type=click.FloatRange(min=0.1, max=120), default=10.0, show_default=True,
+              help="Frames per second of a movie.")
+def preview_cmd(recon, archive, frames, output, fps):
+    """Side by side, per frame: LR upsampled, the reconstruction, the key-frame blend and the truth (if any)."""
+    from xvr_batch.preview import write_preview
+    info = write_preview(recon, output, archive=archive, frames=frames, fps=fps)
+    click.echo(f"wrote {info['output']}: {len(info['frames'])} frame(s), panels {', '.join(info['panels'])}")
 
 
 # ---------------------------------------------------------------------------------------- convert-weights
@@ -413,7 +566,8 @@ def convert_weights_cmd(checkpoint, network_g, head, output):
 @command("demo")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
               help="Folder for the demo archive and output [a new temp folder].")
-@click.option("--frames", type=click.IntRange(min=20), default=60, show_default=True, help="Archive length.")
+@click.option("--frames", type=click.IntRange(min=21), default=60, show_default=True,
+              help="Archive length (a key frame every 20 frames, at least two).")
 @click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the demo archive.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def demo_cmd(directory, frames, seed, quiet):
