@@ -47,6 +47,7 @@ def _null_model(runner) -> None:
 
     model.encode_keys = encode_keys
     model.forward_features = forward_features
+    runner._features = forward_features  # the runner binds its forward (eager or compiled) at start-up
 
 
 def _copy_like_cp(srcs: list[Path], dst: Path) -> float:
@@ -95,7 +96,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--unit-frames", type=int, default=128)
     ap.add_argument("--dtype", default="uint16")
-    ap.add_argument("--compression", default="blosc-lz4")
+    ap.add_argument("--compression", default="bitshuffle")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)

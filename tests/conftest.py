@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from contextlib import contextmanager
 import io
 import os
 import subprocess
@@ -218,3 +219,17 @@ def to_xfusion_keys(sd: dict) -> dict:
             k2 = f"upsample.{int(parts[1]) * 2}.{parts[2]}"
         inv[k2] = v
     return inv
+
+
+@contextmanager
+def tmpfs(path: Path, size: str):
+    """A real tmpfs of ``size`` (e.g. "300k") mounted at ``path`` for the block (root only; skips otherwise)."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import h5py
 import hdf5plugin  # noqa: F401  (filters for reading)
@@ -133,3 +134,21 @@ def test_finalise_does_not_rehash_parts_of_this_process(tmp_path, archive, tiny_
                         unit_frames=10), progress=False)
     assert output.STITCH_STATS["parts_hashed"] == before["parts_hashed"]
     assert output.STITCH_STATS["parts_trusted"] - before["parts_trusted"] == 4
+
+
+@pytest.mark.parametrize("null_model", [True, False])
+def test_bench_e2e_runs_and_reports_every_stage(tmp_path, tiny_weights, null_model):
+    """The benchmark itself works (its --null-model once silently broke when the runner bound its forward)."""
+    import json
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_e2e.py"
+    args = [sys.executable, str(bench), "--frames", "24", "--hr-size", "64", "128", "--stride", "8",
+            "--unit-frames", "8", "--dir", str(tmp_path)]
+    args += ["--null-model"] if null_model else ["--weights", str(tiny_weights)]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout[r.stdout.index("{"):])
+    assert report["null_model"] is null_model
+    assert report["fps_end_to_end"] > 0 and 0 < report["efficiency_end_to_end"]
+    assert {"read", "compute", "convert", "compress", "write", "commit"} <= set(report["stages_s"])

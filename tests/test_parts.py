@@ -103,26 +103,15 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from conftest import tmpfs  # noqa: E402
 from xvr_batch.io.output import stitch_output  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="needs root to mount a tmpfs")
 
 
-@contextmanager
-def small_tmpfs(path: Path, size: str):
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def run_sweep(code: str, *args) -> list:
@@ -170,7 +159,7 @@ print(json.dumps(out))
 
 @needs_root
 def test_full_disk_at_any_moment_of_a_part_write_is_a_clean_error(tmp_path):
-    with small_tmpfs(tmp_path / "small", "256k") as d:
+    with tmpfs(tmp_path / "small", "256k") as d:
         outcomes = run_sweep(PART_SWEEP, d)
     assert outcomes[0] == "full" and outcomes[-1] == "ok", outcomes
     assert outcomes.count("full") >= 20  # the failure moved through the whole write
@@ -211,7 +200,7 @@ def test_full_disk_at_any_moment_of_the_stitch_is_a_clean_error(tmp_path, compre
     rng = np.random.default_rng(0)
     for u in range(3):
         write_part(tmp_path / f"unit-{u:06d}.h5", 4 * u, rng.random((4, 64, 64)).astype(np.float32))
-    with small_tmpfs(tmp_path / "small", "384k") as d:
+    with tmpfs(tmp_path / "small", "384k") as d:
         outcomes = run_sweep(STITCH_SWEEP, tmp_path, d, compression)
     assert outcomes[0] == "full" and outcomes[-1] == "ok", outcomes
     assert outcomes.count("full") >= 3

@@ -11,13 +11,12 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_archive
+from conftest import make_archive, tmpfs
 from xvr_batch.errors import UserError
 from xvr_batch.workdir import WorkDir, journal_crc
 
@@ -80,17 +79,6 @@ def readers_are_total(wd: WorkDir) -> None:
             one_line(exc)
 
 
-@contextmanager
-def tmpfs(path: Path, size: str):
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def remount_ro(path: Path) -> None:
