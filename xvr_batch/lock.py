@@ -242,7 +242,23 @@ class _HeldLock:
     _fd: Optional[int]
     _pidfile: Optional["_PidFile"]
 
-    def acquire(self) -> None:  # pragma: no cover - overridden
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`UserError` naming who holds it (or why it cannot)."""
+        if self.held:
+            raise RuntimeError(f"lock {self.path} is already held by this object")
+        try:
+            self._acquire()
+        except OSError as exc:
+            err = self._os_error(exc)
+            if err is None:
+                raise
+            raise err from None
+
+    def _acquire(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _os_error(self, exc: OSError) -> Optional[UserError]:  # pragma: no cover - overridden
+        """The user's problem behind an OSError while acquiring (None: a bug, re-raised)."""
         raise NotImplementedError
 
     def release(self) -> None:  # pragma: no cover - overridden
@@ -284,21 +300,12 @@ class WorkDirLock(_HeldLock):
         self._record: Optional[bytes] = None
         self._pidfile: Optional[_PidFile] = None
 
-
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`UserError` naming who holds it (or why it cannot)."""
-        if self.held:
-            raise RuntimeError(f"lock {self.path} is already held by this object")
-        try:
-            self._acquire()
-        except OSError as exc:
-            err = not_writable(exc, self.workdir)
-            if err is None and exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.ELOOP):
-                err = UserError(f"work directory {self.workdir} is damaged: {exc.filename or self.path} is in "
-                                f"the way ({exc.strerror}); remove it, or choose another --workdir")
-            if err is None:
-                raise
-            raise err from None
+    def _os_error(self, exc: OSError) -> Optional[UserError]:
+        err = not_writable(exc, self.workdir)
+        if err is None and exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.ELOOP):
+            err = UserError(f"work directory {self.workdir} is damaged: {exc.filename or self.path} is in "
+                            f"the way ({exc.strerror}); remove it, or choose another --workdir")
+        return err
 
     def _acquire(self) -> None:
         try:
@@ -445,19 +452,11 @@ class OutputLock(_HeldLock):
     def _record_bytes(self) -> bytes:
         return _make_record(**({"workdir": self.workdir} if self.workdir else {}))
 
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`UserError` naming the run that holds it."""
-        if self.held:
-            raise RuntimeError(f"lock {self.path} is already held by this object")
-        try:
-            self._acquire()
-        except OSError as exc:
-            err = not_writable(exc, self.output.parent, option="-o")
-            if err is None and exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                err = UserError(f"{self.output}: output folder {self.output.parent} does not exist; create it first")
-            if err is None:
-                raise
-            raise err from None
+    def _os_error(self, exc: OSError) -> Optional[UserError]:
+        err = not_writable(exc, self.output.parent, option="-o")
+        if err is None and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            err = UserError(f"{self.output}: output folder {self.output.parent} does not exist; create it first")
+        return err
 
     def _acquire(self) -> None:
         if self.use_flock is not False:
