@@ -95,7 +95,8 @@ def run_options(f):
                      help="Tile overlap in LR pixels [2 windows]; at least one window."),
         click.option("--registration", default="auto", show_default=True, metavar="auto|none|FILE.json",
                      help="LR->HR view registration: auto = the archive's /exchange/registration, else one fitted "
-                          "on the key frames and applied only if it is not the identity; none; or a JSON file "
+                          "on the key frames and applied only if it moves the LR field by more than 0.25 px and lowers "
+                          "the residual by 10 %; none; or a JSON file "
                           "(docs/TWO_CAMERAS.md)."),
     ]
     for o in reversed(opts):
