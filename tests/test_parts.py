@@ -123,23 +123,30 @@ def run_sweep(code: str, *args) -> list:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+# Shared by the sweep scripts: empty the tmpfs ``d`` and fill it so that ``free_kib`` KiB are left.
+FILL_TO = """
+import os
+def fill_to(d, free_kib):
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+    st = os.statvfs(d)
+    with open(os.path.join(d, "filler"), "wb") as fh:
+        fh.write(b"x" * max(0, st.f_bavail * st.f_frsize - free_kib * 1024))
+"""
+
+
 # For each amount of free space (4 KiB steps across the whole part), write a part of 8 frames of 64x64
 # float32 (~130 KiB): the failure lands on the first frame, in the middle, at the flush, at the close and at
 # the final fsync/rename, and each must be a DiskFullError with nothing left behind.
-PART_SWEEP = """
+PART_SWEEP = FILL_TO + """
 import json, os, sys
 import numpy as np
 from xvr_batch.durable import DiskFullError
 from xvr_batch.io.parts import StreamingPart, verify_part
 d = sys.argv[1]
-filler = os.path.join(d, "filler")
 out = []
 for free_kib in range(0, 168, 4):
-    for name in os.listdir(d):
-        os.unlink(os.path.join(d, name))
-    st = os.statvfs(d)
-    with open(filler, "wb") as fh:
-        fh.write(b"x" * max(0, st.f_bavail * st.f_frsize - free_kib * 1024))
+    fill_to(d, free_kib)
     path = os.path.join(d, "unit-000003.h5")
     try:
         part = StreamingPart(path, 24, 8, (64, 64), np.float32, attrs={"unit": 3})
@@ -165,21 +172,16 @@ def test_full_disk_at_any_moment_of_a_part_write_is_a_clean_error(tmp_path):
     assert outcomes.count("full") >= 20  # the failure moved through the whole write
 
 
-STITCH_SWEEP = """
+STITCH_SWEEP = FILL_TO + """
 import json, os, sys
 import numpy as np
 from xvr_batch.durable import DiskFullError
 from xvr_batch.io.output import stitch_output
 parts_dir, d, compression = sys.argv[1], sys.argv[2], sys.argv[3]
 parts = [os.path.join(parts_dir, f"unit-{u:06d}.h5") for u in range(3)]
-filler = os.path.join(d, "filler")
 out = []
 for free_kib in range(0, 264, 8):
-    for name in os.listdir(d):
-        os.unlink(os.path.join(d, name))
-    st = os.statvfs(d)
-    with open(filler, "wb") as fh:
-        fh.write(b"x" * max(0, st.f_bavail * st.f_frsize - free_kib * 1024))
+    fill_to(d, free_kib)
     target = os.path.join(d, "out.h5")
     try:
         stitch_output(target, parts, (12, 64, 64), np.dtype("float32"), compression, np.array([0, 11]),
