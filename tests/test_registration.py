@@ -158,3 +158,45 @@ def test_resume_refuses_another_registration(run_cli, tmp_path, tiny_weights, ca
     out.unlink()
     r = run_cli("reconstruct", arc, "-o", out, "--weights", tiny_weights, "--workdir", wd, "--registration", "none")
     assert r.code == 2 and "settings changed" in r.err and "registration" in r.err
+
+
+def test_resume_reuses_the_transform_fitted_at_plan_time(tmp_path, tiny_weights, cams):
+    """auto on an archive without a stored transform fits one when the run is planned; a resume of that run
+    takes the recorded transform instead of fitting again, and refits when the archive is another one."""
+    import shutil
+
+    from xvr_batch.errors import UserError
+    from xvr_batch.pipeline import Options, prepare
+    d, truth = cams
+    f = truth["files"]
+    arc = tmp_path / "arc.h5"
+    from click.testing import CliRunner
+    from xvr_batch.cli import main_group
+    r = CliRunner().invoke(main_group, ["assemble", "-o", str(arc), "--lr", str(d / f["lr"]), "--lr-time",
+                                        str(d / f["lr_time"]), "--hr", str(d / f["hr"]), "--hr-time",
+                                        str(d / f["hr_time"]), "--hr-delay", str(truth["hr_delay"])])
+    assert r.exit_code == 0, r.output
+    with h5py.File(arc, "a") as h:  # as if another tool had written the archive: no stored transform
+        del h["/exchange/registration"]
+    opts = Options(archive=str(arc), output=str(tmp_path / "o.h5"), weights=str(tiny_weights),
+                   workdir=str(tmp_path / "wd"))
+    logs: list[str] = []
+    job = prepare(opts, log=logs.append)
+    job.close()
+    assert any("fitted at plan time" in s for s in logs), logs
+    first = job.settings["registration"]
+    logs.clear()
+    job = prepare(opts, log=logs.append)
+    job.close()
+    assert any("fitted when this run was planned" in s for s in logs), logs
+    assert not any("fitted at plan time" in s for s in logs), logs
+    assert job.settings["registration"] == first and job.config_hash
+    other = tmp_path / "other.h5"
+    shutil.copy(arc, other)
+    with h5py.File(other, "a") as h:  # another archive (its first LR frame differs): the fit is not reused
+        h["/exchange/data_lr"][0] = h["/exchange/data_lr"][0] // 2
+    logs.clear()
+    with pytest.raises(UserError):
+        prepare(Options(archive=str(other), output=str(tmp_path / "o.h5"), weights=str(tiny_weights),
+                        workdir=str(tmp_path / "wd")), log=logs.append)
+    assert any("fitted at plan time" in s for s in logs), logs

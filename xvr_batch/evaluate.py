@@ -355,6 +355,14 @@ class _Recon:
         grp = f.get(RECON_PROCESS)
         if isinstance(grp, h5py.Group):
             self.record = {str(k): _parse_attr(v) for k, v in grp.attrs.items()}
+        self.consistency: dict[str, Any] | None = None
+        self.consistency_error: str | None = None
+        try:
+            from xvr_batch.consistency import read_output
+
+            self.consistency = read_output(f)
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
+            self.consistency_error = " ".join(str(err).split())[:200] or type(err).__name__
 
     def close(self) -> None:
         f, self._file = self._file, None
@@ -528,7 +536,12 @@ def evaluate(
          "recon": path, "truth": path, "n_frames": N, "n_candidates": n, "key_frames": [...],
          "scale": s, "normalisation": {...}, "normalisation_source": "recorded" | "refit",
          "archive": {"paths": {...}, "hr_stride": S | None, "hr_offset": O},
+         "lr_consistency": {"n", "median", "mean", "mad", "max", "worst_frame", "threshold", "n_flagged",
+                            "flagged": [every flagged frame], "sigma", "metric"} | None,
          "warnings": [...]}
+
+    ``lr_consistency`` summarises the reconstruction's own ``/exchange/lr_consistency`` (every frame, key
+    frames included; :mod:`xvr_batch.consistency`); None for an output written without it.
 
     ``methods[name]["margin_db"]`` is that method's mean PSNR minus the best baseline's.
     """
@@ -540,6 +553,9 @@ def evaluate(
         opts = _archive_options(rec, paths, hr_stride, hr_offset)
         with Archive(truth_path, **opts) as archive:
             _check_pair(rec, archive, warnings)
+            consistency = rec.consistency
+            if rec.consistency_error:
+                warnings.append(f"{recon_path}: /exchange/lr_consistency is unreadable ({rec.consistency_error})")
             selected = select_frames(archive.n_frames, archive.hr_index, frames, None)
             n_candidates = len(selected)
             selected = select_frames(archive.n_frames, archive.hr_index, frames, max_frames)
@@ -590,6 +606,7 @@ def evaluate(
         "normalisation": norm.to_dict(),
         "normalisation_source": source,
         "archive": archive_record,
+        "lr_consistency": consistency,
         "warnings": warnings,
     }
 
@@ -640,6 +657,16 @@ def format_table(result: Mapping[str, Any]) -> str:
         counts = ", ".join(f"{b} {choice.count(b)}" for b in BASELINES)
         lines.append(f"best baseline per frame: {counts}")
     lines.append(f"normalisation: {result.get('normalisation_source', '?')}")
+    cons = result.get("lr_consistency")
+    if isinstance(cons, Mapping):
+        from xvr_batch.consistency import describe
+
+        lines.append(f"LR consistency ({cons.get('n', 0)} frames, bin4(recon) vs LR / key-frame residual): "
+                     f"{describe(cons)}")
+        flagged = list(cons.get("flagged") or [])
+        if flagged:
+            shown = ", ".join(str(t) for t in flagged[:50]) + (", ..." if len(flagged) > 50 else "")
+            lines.append(f"flagged frames: {shown}")
     for w in result.get("warnings", []):
         lines.append(f"warning: {w}")
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from xvr_batch.model.tiling import tiled_run
 from xvr_batch.normalise import Calibration, Normalisation, fit_normalisation
 from xvr_batch.plan import Plan, Unit, batch_windows, make_plan
 from xvr_batch.weights import ResolvedWeights, resolve_weights
+from xvr_batch.consistency import PART_DATASET as CONSISTENCY_DATASET, check_record as check_consistency_record
 from xvr_batch.workdir import MANIFEST_VERSION, WorkDir
 
 __all__ = ["Options", "Job", "prepare", "UnitRunner", "finalise", "pending_units", "output_affecting",
@@ -177,6 +178,9 @@ class Job:
     device: str = "cpu"
     hr_shape: tuple[int, int] | list[int] = (0, 0)
     config_hash: str = ""
+    #: The per-frame LR consistency baseline (sigma, threshold; :func:`xvr_batch.consistency.fit_baseline`),
+    #: fitted at plan time and kept in the manifest, like the normalisation.
+    consistency: dict = field(default_factory=dict)
 
     def open_archive(self) -> Archive:
         """A new read-only handle on the input archive (the caller closes it)."""
@@ -309,9 +313,13 @@ def prepare(opts: Options, command: list[str] | None = None, config: dict | None
                   wait_for_writer=opts.wait_for_writer)
     try:
         from xvr_batch.registration import resolve as resolve_registration
-        reg = resolve_registration(arc, opts.registration, log)
-        if reg is not None:  # only then: an aligned archive keeps its settings hash and its bytes
-            settings = dict(settings, registration=reg.settings_record())
+        rec = (_recorded_fit(wd, arc, log) if opts.registration in (None, "", "auto") and wd.exists()
+               and not opts.force_replan and arc.registration is None else _NOT_RECORDED)
+        if rec is _NOT_RECORDED:
+            reg = resolve_registration(arc, opts.registration, log)
+            rec = None if reg is None else reg.settings_record()
+        if rec is not None:  # only then: an aligned archive keeps its settings hash and its bytes
+            settings = dict(settings, registration=rec)
         if arc.scale != cfg.scale:
             raise UserError(f"{opts.archive}: HR/LR scale is {arc.scale}, but the model upsamples x{cfg.scale}")
         job = Job(
@@ -332,12 +340,14 @@ def prepare(opts: Options, command: list[str] | None = None, config: dict | None
             old = _check_resumable(wd, wd.read_manifest(), job, plan, weights.source)
             job.normalisation = Normalisation.from_dict(old.get("normalisation"),
                                                         source=str(wd.manifest_path)).to_dict()
+            job.consistency = check_consistency_record(old.get("consistency")) or _fit_consistency(arc, job)
             log(f"resuming {wd.path}")
         else:
             log("checking the archive for NaN/Inf and fitting the intensity mapping ...")
             arc.check_finite()
             from xvr_batch.registration import registered
             job.normalisation = fit_normalisation(registered(arc, job.settings)).to_dict()
+            job.consistency = _fit_consistency(arc, job)
     except BaseException:
         arc.close()
         raise
@@ -354,6 +364,41 @@ def prepare(opts: Options, command: list[str] | None = None, config: dict | None
             with wd.lock():
                 wd.create(manifest)
     return job
+
+
+_NOT_RECORDED = object()
+
+
+def _recorded_fit(wd: WorkDir, arc: Archive, log: Callable[[str], None]):
+    """On resume with ``--registration auto`` and no transform stored in the archive: the transform the plan
+    fitted (its settings record, or None for "read as it is"), if the manifest was planned with ``auto`` on this
+    very archive (same fingerprint). The fit is a pure function of the archive, so fitting it again (about a
+    second per run) would give the same record; anything unexpected falls back to fitting it again."""
+    try:
+        man = wd.read_manifest()
+        job, options = man["job"], man["options"]
+        if options.get("registration") not in (None, "", "auto") or job.get("fingerprint") != arc.fingerprint():
+            return _NOT_RECORDED
+        rec = job["settings"].get("registration")
+        if rec is None:
+            return None
+        from xvr_batch.registration import Registration
+        reg = Registration(rec["matrix"], rec["lr_shape"], rec["grid_shape"], source=str(rec.get("source", "")))
+        if tuple(reg.lr_shape) != tuple(arc.lr_shape) or reg.settings_record() != rec:
+            return _NOT_RECORDED
+    except Exception:  # noqa: BLE001 - a damaged manifest is reported by _check_resumable, not here
+        return _NOT_RECORDED
+    log(f"registration (fitted when this run was planned): {reg.summary()}")
+    return rec
+
+
+def _fit_consistency(arc: Archive, job: Job) -> dict:
+    """The LR consistency baseline of ``job`` (a pure function of the archive, registration and normalisation)."""
+    from xvr_batch.consistency import fit_baseline
+    from xvr_batch.registration import registered
+
+    view = registered(arc, job.settings)
+    return fit_baseline(view, Calibration(view, Normalisation.from_dict(job.normalisation)))
 
 
 class UnitRunner:
@@ -399,6 +444,16 @@ class UnitRunner:
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._codec_pool = None  # ThreadPoolExecutor, made on first use
+        # Per-frame LR consistency (xvr_batch.consistency): sigma from the job; the LR field's mask when a
+        # registration is applied; the LR slot of each output slot.
+        base = check_consistency_record(job.consistency) or {}
+        self._cons_sigma = base.get("sigma")
+        self._cons_threshold = base.get("threshold")
+        reg = getattr(self.archive, "registration_applied", None)
+        inside = None if reg is None or not np.asarray(reg.outside).any() else ~np.asarray(reg.outside)
+        self._cons_inside = (None if inside is None else
+                             torch.from_numpy(inside.astype(np.float32)).to(self.device))
+        self._cons_slots = list(range(self.cfg.num_lr)) if self.cfg.head == "all" else [self.cfg.num_lr // 2]
 
     def _add(self, stage: str, seconds: float) -> None:
         with self._stats_lock:
@@ -569,6 +624,17 @@ class UnitRunner:
                 out = run()
         return out[:, :, 0]
 
+    def _consistency_dev(self, lr_dev: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        """(B, n_out) float32 on the device: the LR consistency of each output slot of the batch (computed from
+        the batch's own tensors, so each value is as deterministic as the frame); None without a baseline."""
+        if self._cons_sigma is None:
+            return None
+        from xvr_batch.consistency import residual_rms
+
+        with torch.inference_mode():
+            rms = residual_rms(out, lr_dev[0], self._cons_slots, self.cfg.scale, self._cons_inside)
+            return rms / self._cons_sigma
+
     # ---------------------------------------------------------------- one unit
     def _to_counts(self, frame: np.ndarray) -> np.ndarray:
         """A model-space output frame in HR camera counts, in the output dtype (codec threads)."""
@@ -601,6 +667,7 @@ class UnitRunner:
             raise disk_error(exc, path) from exc
         writer_q: queue.Queue = queue.Queue(maxsize=4 * self.batch)
         errors: list[BaseException] = []
+        cons = np.full(unit.stop - unit.start, np.nan, np.float32)  # per-frame LR consistency of the unit
         workers = self._codec_workers()
         chunks = OrderedChunkWriter(part.codec, part.write_chunk, self._pool() if workers > 1 else None,
                                     window=2 * workers + 2, prepare=self._to_counts, stats=self.stats,
@@ -623,17 +690,23 @@ class UnitRunner:
                 while writer_q.get() is not None:  # drain so the producer never blocks
                     pass
 
-        def emit(b: int, wins, host, ev) -> None:
+        def emit(b: int, wins, host, ev, chost, cev) -> None:
             t0 = time.perf_counter()
             if ev is not None:
                 ev.synchronize()
+            if cev is not None:
+                cev.synchronize()
             out = host.numpy()
+            c = None if chost is None else chost.numpy()
             self._add("d2h", time.perf_counter() - t0)
             real = len(self.plan.windows[b * self.batch:(b + 1) * self.batch])
             for i, win in enumerate(wins[:real]):
                 for t, slot in win.emit:
                     if unit.start <= t < unit.stop:
-                        writer_q.put((t, out[i, slot if self.cfg.head == "all" else 0]))
+                        j = slot if self.cfg.head == "all" else 0
+                        if c is not None:
+                            cons[t - unit.start] = c[i, j]
+                        writer_q.put((t, out[i, j]))
 
         # The stages hand the GIL to each other often: a 0.5 ms switch interval (instead of 5 ms) keeps the
         # writer from waiting behind CPU-bound threads (measured: write 1.66 s -> 0.08 s per 256 frames).
@@ -665,10 +738,14 @@ class UnitRunner:
                     out = self._compute_dev(wins, lr_dev, hr)
                     host, ev = self._to_host(out)
                     self._add("compute", time.perf_counter() - t0)
+                    t1 = time.perf_counter()
+                    c_dev = self._consistency_dev(lr_dev, out)
+                    chost, cev = (None, None) if c_dev is None else self._to_host(c_dev)
+                    self._add("consistency", time.perf_counter() - t1)
                     nxt = stage()  # on CUDA: the next batch's copy runs while this one computes
                     if pending is not None:
                         emit(*pending)
-                    pending = (b, wins, host, ev)
+                    pending = (b, wins, host, ev, chost, cev)
                 if pending is not None and not errors:
                     emit(*pending)
             finally:
@@ -678,6 +755,11 @@ class UnitRunner:
             if errors:
                 raise errors[0]
             t0 = time.perf_counter()
+            summary = None
+            if self._cons_sigma is not None:
+                from xvr_batch.consistency import summarise
+                part.write_vector(CONSISTENCY_DATASET, cons)
+                summary = summarise(cons, unit.start, self._cons_threshold)
             sha = part.commit()
             self._add("commit", time.perf_counter() - t0)
         except OSError as exc:
@@ -690,7 +772,10 @@ class UnitRunner:
             sys.setswitchinterval(switch)
         self._add("unit_wall", time.perf_counter() - t_unit)
         self._add("frames", unit.stop - unit.start)
-        return {"unit": unit.id, "part": wd.part_relpath(unit.id), "sha256": sha, "frames": (unit.start, unit.stop)}
+        rec = {"unit": unit.id, "part": wd.part_relpath(unit.id), "sha256": sha, "frames": (unit.start, unit.stop)}
+        if summary is not None:
+            rec["consistency"] = summary
+        return rec
 
 
 def disk_error(exc: OSError, path: Path | str) -> Exception:
@@ -735,11 +820,14 @@ def finalise(job: Job, log: Callable[[str], None] = lambda s: None, progress: bo
                   "hr_stride": job.hr_stride, "hr_offset": job.hr_offset},
         "normalisation": job.normalisation, "plan": plan_dict, "edge_policy": plan_dict.get("edge_policy", ""),
     }
+    baseline = check_consistency_record(job.consistency)
+    if baseline is not None:
+        process["lr_consistency"] = baseline
     shape = (plan.n_frames, *job.hr_shape)
     try:
         stitch_output(job.output, parts, shape, np.dtype(job.settings["dtype"]), job.compression,
                       np.asarray(job.plan_args["hr_index"]), process, progress=progress, overwrite=overwrite,
-                      part_sha256=shas)
+                      part_sha256=shas, consistency=baseline)
     except OSError as exc:
         raise disk_error(exc, Path(job.output)) from exc
     log(f"wrote {job.output}")

@@ -54,7 +54,7 @@ MIN_NCC = 0.3
 MAX_RESIDUAL = 1.0
 MAX_PAIRS = 12
 #: Spline order of the LR resampling (3: cubic B-spline).
-WARP_ORDER = int(os.environ.get("XVR_WARP_ORDER", "3"))
+WARP_ORDER = 3
 HOW_BY_HAND = ("give the transform by hand: --registration FILE.json with {\"matrix\": [[a, b, tx], "
                "[c, d, ty]]} mapping LR pixel (x, y) to the HR/4 grid (docs/TWO_CAMERAS.md)")
 
@@ -119,7 +119,7 @@ class Registration:
         """What goes into the job's settings (hashed: resume refuses another transform)."""
         return {"matrix": [[float(v) for v in row] for row in self.matrix], "lr_shape": list(self.lr_shape),
                 "grid_shape": list(self.grid_shape), "source": self.source, "fill": "key_blend",
-                "interpolation": "bilinear"}
+                "interpolation": "cubic spline"}
 
     def summary(self) -> str:
         p = self.params()

@@ -670,7 +670,9 @@ class WorkDir:
         """Progress from the plan and the journal.
 
         Returns ``{"n_units", "done", "failed", "pending", "frames_done", "n_frames",
-        "problems", "journal_skipped"}``; the three lists hold unit ids, sorted. ``verify``
+        "problems", "journal_skipped", "consistency"}``; the three lists hold unit ids, sorted;
+        ``consistency`` merges the done units' LR consistency summaries
+        (:func:`xvr_batch.consistency.merge_summaries`; None when no record has one). ``verify``
         hashes every part (slow on big runs); otherwise the journal is trusted. A unit whose
         latest record is a failure is in ``failed`` only; one with a rejected part is pending.
         """
@@ -686,6 +688,8 @@ class WorkDir:
         n_frames = manifest["plan"].get("n_frames")
         if not _is_int(n_frames):
             n_frames = sum(stop - start for start, stop in plan.values())
+        from xvr_batch.consistency import merge_summaries
+
         return {
             "n_units": len(plan),
             "done": done,
@@ -695,6 +699,7 @@ class WorkDir:
             "n_frames": n_frames,
             "problems": {u: r for u, r in self.problems.items() if u in plan},
             "journal_skipped": self.journal_skipped,
+            "consistency": merge_summaries(completed[u].get("consistency") for u in done),
         }
 
     # -- lock ----------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ class Backend(ABC):
     def record(self, job, rec: dict, advance: bool = True, **extra: Any) -> None:
         """Journal one finished unit (driver only) and, unless its frames were counted as they were written
         (``advance=False``), advance the progress bar by them."""
-        extra = {k: v for k, v in extra.items() if v is not None}
+        extra = {k: v for k, v in {"consistency": rec.get("consistency"), **extra}.items() if v is not None}
         job.workdir_obj().record_done(rec["unit"], rec["part"], rec["sha256"], rec["frames"], extra=extra or None)
         if advance and self._bar is not None:
             self._bar.update(rec["frames"][1] - rec["frames"][0])

@@ -6,6 +6,9 @@
                         ``write_direct_chunk``; the parts use the same codec, so the stitch copies
                         chunks without decoding them
     /exchange/hr_index  (K,) copied from the input
+    /exchange/lr_consistency  (N,) float32 per-frame LR consistency (:mod:`xvr_batch.consistency`), stitched
+                        from the parts; attrs: metric, units, threshold, flag_rule, sigma, n_flagged,
+                        flagged_frames (the first 1000), median, max, worst_frame
     /process/xvr_batch  attrs: version, command_line, config, settings, weights, weights_sha256,
                         input (path, fingerprint), normalisation, plan, edge_policy (JSON strings)
 
@@ -76,7 +79,7 @@ def temp_output_path(output: str | os.PathLike) -> Path:
 def stitch_output(output: str | os.PathLike, parts: Sequence[os.PathLike], shape: tuple[int, int, int],
                   dtype: np.dtype, compression: str, hr_index: np.ndarray, process: dict[str, Any],
                   progress: bool = False, overwrite: bool = False,
-                  part_sha256: Sequence[str | None] | None = None) -> Path:
+                  part_sha256: Sequence[str | None] | None = None, consistency: dict | None = None) -> Path:
     """Copy the parts, in order, into a new output file; rename it into place.
 
     Each part file is read once (the next one is read ahead in a thread). If ``part_sha256`` gives its
@@ -85,7 +88,8 @@ def stitch_output(output: str | os.PathLike, parts: Sequence[os.PathLike], shape
     the output's filter pipeline, so nothing is decoded; other parts (older layouts) are decoded and
     re-encoded in a thread pool. Without ``overwrite`` an existing ``output`` is never replaced, even one that
     appeared while the output was being written (:class:`UserError`). Temporaries left by dead processes are
-    removed first.
+    removed first. With ``consistency`` (the job's LR consistency baseline) the parts' per-frame
+    ``lr_consistency`` vectors are stitched into ``/exchange/lr_consistency`` (NaN for a part that has none).
     """
     out = Path(output)
     remove_stale_temps(out)
@@ -97,7 +101,7 @@ def stitch_output(output: str | os.PathLike, parts: Sequence[os.PathLike], shape
     shas = list(part_sha256) if part_sha256 is not None else [None] * len(parts)
     try:
         with AtomicH5File(out, overwrite=overwrite, track_order=True) as f:
-            _fill(f, out, list(parts), shas, shape, dtype, compression, hr_index, process, bar)
+            _fill(f, out, list(parts), shas, shape, dtype, compression, hr_index, process, bar, consistency)
     except OutputExistsError:
         raise UserError(f"{out}: output appeared while it was being written (another run?); it was left as it "
                         "was: pass --overwrite to replace it, or choose another -o") from None
@@ -128,7 +132,8 @@ def _read_part_bytes(path: os.PathLike, sha: str | None) -> os.PathLike:
 
 
 def _fill(f: h5py.File, out: Path, parts: list, shas: list, shape: tuple[int, int, int], dtype: np.dtype,
-          compression: str, hr_index: np.ndarray, process: dict[str, Any], bar: Any) -> None:
+          compression: str, hr_index: np.ndarray, process: dict[str, Any], bar: Any,
+          consistency: dict | None = None) -> None:
     """Write the datasets and provenance of the output into the open file ``f``.
 
     The datasets stay referenced until ``f`` is flushed at the end: HDF5 writes a dataset's cached chunks when
@@ -144,6 +149,7 @@ def _fill(f: h5py.File, out: Path, parts: list, shas: list, shape: tuple[int, in
     codec: ChunkCodec | None = None
     dsid = ds.id
     t = 0
+    cons = np.full(n, np.nan, np.float32) if consistency is not None else None
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xvr-stitch-read")
     try:
         ahead = reader.submit(_read_part_bytes, parts[0], shas[0]) if parts else None
@@ -162,6 +168,8 @@ def _fill(f: h5py.File, out: Path, parts: list, shas: list, shape: tuple[int, in
                     raise UserError(f"{part}: does not fit the output (start {start}, expected {t}); "
                                     "resume with --force-replan")
                 m = src.shape[0]
+                if cons is not None:
+                    _read_consistency(pf, part, m, cons, t)
                 if src.chunks == (1, hh, ww) and filter_pipeline(src) == pipeline:
                     sid = src.id
                     for i in range(m):
@@ -188,11 +196,31 @@ def _fill(f: h5py.File, out: Path, parts: list, shas: list, shape: tuple[int, in
         reader.shutdown(wait=True, cancel_futures=True)
     if t != n:
         raise UserError(f"{out}: parts cover {t} of {n} frames; resume the run")
+    cds = None
+    if cons is not None:
+        from xvr_batch.consistency import attrs_for
+
+        cds = ex.create_dataset("lr_consistency", data=cons, track_times=False)
+        for key, value in attrs_for(cons, consistency).items():
+            cds.attrs[key] = value
     grp = f.create_group("process").create_group("xvr_batch")
     for key, value in process.items():
         grp.attrs[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     f.flush()  # while ds and index are open; a failure raises here, and AtomicH5File cleans up
-    del ds, index
+    del ds, index, cds
+
+
+def _read_consistency(pf: h5py.File, part: os.PathLike, m: int, cons: np.ndarray, t: int) -> None:
+    """Copy a part's per-frame ``lr_consistency`` into ``cons[t:t+m]`` (left NaN when the part has none)."""
+    from xvr_batch.consistency import PART_DATASET
+
+    v = pf.get(PART_DATASET)
+    if v is None:
+        return
+    if not isinstance(v, h5py.Dataset) or v.shape != (m,) or v.dtype.kind != "f":
+        raise UserError(f"{part}: {PART_DATASET} does not fit the part ({getattr(v, 'shape', '?')} for {m} frames); "
+                        "resume the run to redo it")
+    cons[t:t + m] = v[()]
 
 
 # ---------------------------------------------------------------------------------------------- chunk codec

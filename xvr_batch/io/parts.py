@@ -5,6 +5,9 @@ Layout of a part::
     /data          (n, H, W) the unit's own output frames, exactly as computed (dtype kept), chunks
                    (1, H, W) compressed with the output's codec (``compression``; "none" by default),
                    so that the stitch copies the chunks into the output without decoding them
+    /lr_consistency  (n,) float32 per-frame LR consistency of those frames (:mod:`xvr_batch.consistency`),
+                   written by :meth:`StreamingPart.write_vector` just before the commit; parts of older
+                   releases lack it (the stitch then stores NaN for their frames)
     attrs start    first frame index of the unit in the output (int)
     attrs stop     start + n (int)
     attrs ...      caller's provenance; scalars as they are, anything else as a JSON string
@@ -173,6 +176,20 @@ class StreamingPart:
             raise IndexError(f"frame {i} outside the part's {self.n} frames")
         try:
             self._ds.id.write_direct_chunk((int(i), 0, 0), data, int(filter_mask))
+        except BaseException as exc:
+            raise self._fail(exc) from exc
+
+    def write_vector(self, name: str, values: np.ndarray, attrs: Optional[Dict[str, Any]] = None) -> None:
+        """Store a small per-frame dataset ``name`` ((n,), contiguous, uncompressed; e.g. ``lr_consistency``)
+        beside ``data``; call it once per name, before :meth:`commit` (the same calls give the same bytes)."""
+        self._live()
+        values = np.ascontiguousarray(np.asarray(values))
+        if values.shape[:1] != (self.n,) or name == "data":
+            raise ValueError(f"{name}: shape {values.shape} does not hold one value per frame ({self.n})")
+        try:
+            ds = self._out.file.create_dataset(name, data=values, track_times=False)
+            for key in sorted(attrs or {}):
+                ds.attrs[key] = _attr_value(attrs[key])
         except BaseException as exc:
             raise self._fail(exc) from exc
 
