@@ -27,13 +27,23 @@
 # Re-running after an interruption resumes each stage from its ".last.pt" (written every CKPT_EVERY
 # steps): the synthetic data is a pure function of the seeds, so the resumed run continues exactly.
 #
+# SPLIT=randomised trains on the domain-randomised split of examples/make_split.py instead (issue 13): all
+# scene families of xvr_batch.synth but HELD_OUT_FAMILY (debris), random subsets of the opt-in effects but
+# HELD_OUT_EFFECT (flicker), PLAIN_FRACTION (0.25) of the archives without effects; seeds 20000.. (train),
+# 25000.. (val), 29000.. (test, five categories: seen / held-out family / held-out effect / both / plain).
+# Existing archives in WORK are kept (cached). Score with examples/score_weights.py --split WORK/split.json.
+#   SPLIT=randomised N_TRAIN=64 N_VAL=4 N_TEST=15 WORK=/data/xvr13 KEEP_WORK=1 bash examples/train_default.sh
+# PRESET=mid trains the preset between lite and paper (E=96, stages [2, 2, 4, 2], 1.6 M parameters, key_mean
+# residual) instead of lite.
+#
 # Every knob is an environment variable:
 #   STEPS (6900), LR (5e-4), FT_STEPS (5000), FT_LR (3e-4), BATCH (32), CROP (24), P_MOTION (0.5),
 #   MOTION_TRIES (4), P_NOISE (0), DROP_PATH (0), SEED (0), DEVICE (auto), NUM_WORKERS (min(12, nproc)),
 #   N_TRAIN (56), N_VAL (2), N_TEST (6), N_FRAMES (81), HR_SIZE (256), STRIDE (20),
 #   OUT (xvr_batch/model/weights/lite.pt), WORK (a new temporary folder), KEEP_WORK (0),
 #   LOG_EVERY (200), VAL_EVERY (1000), CKPT_EVERY (1000), PYTHON (python), JOBS (nproc: parallel data
-#   generation), DATA_ONLY (0: 1 stops after the data)
+#   generation), DATA_ONLY (0: 1 stops after the data), SPLIT (default | randomised), HELD_OUT_FAMILY (debris),
+#   HELD_OUT_EFFECT (flicker), PLAIN_FRACTION (0.25), PRESET (lite | mid | paper)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -66,6 +76,8 @@ LOG_EVERY="${LOG_EVERY:-200}"
 VAL_EVERY="${VAL_EVERY:-1000}"
 CKPT_EVERY="${CKPT_EVERY:-1000}"
 KEEP_WORK="${KEEP_WORK:-0}"
+SPLIT="${SPLIT:-default}"
+PRESET="${PRESET:-lite}"
 if [[ -z "${WORK:-}" ]]; then
     WORK="$(mktemp -d "${TMPDIR:-/tmp}/xvr-train.XXXXXX")"
     if [[ "$KEEP_WORK" != 1 ]]; then
@@ -78,6 +90,14 @@ echo "work folder: $WORK"
 
 # ------------------------------------------------------------------------------------------ data
 export WORK N_TRAIN N_VAL N_TEST N_FRAMES HR_SIZE STRIDE JOBS
+if [[ "$SPLIT" == randomised || "$SPLIT" == randomized ]]; then
+    "$PYTHON" "$REPO/examples/make_split.py" --work "$WORK" --n-train "$N_TRAIN" --n-val "$N_VAL" --n-test "$N_TEST" \
+        --frames "$N_FRAMES" --hr-size "$HR_SIZE" --stride "$STRIDE" --held-out-family "${HELD_OUT_FAMILY:-debris}" \
+        --held-out-effect "${HELD_OUT_EFFECT:-flicker}" --plain-fraction "${PLAIN_FRACTION:-0.25}" --generate --jobs "$JOBS"
+elif [[ "$SPLIT" != default ]]; then
+    echo "SPLIT=$SPLIT: choose default or randomised" >&2
+    exit 2
+else
 "$PYTHON" - <<'EOF'
 """Synthetic training / validation / test archives; the split goes to $WORK/split.json."""
 import itertools
@@ -121,6 +141,7 @@ with open(os.path.join(work, "split.json"), "w") as f:
 print(f"{len(split['train'])} training, {len(split['val'])} validation, {len(split['test'])} test archives "
       f"({n_frames} frames, HR {size}x{size}, key frames every {stride}); held-out family: {HELD_OUT_FAMILY}")
 EOF
+fi
 
 if [[ "${DATA_ONLY:-0}" == 1 ]]; then
     exit 0
@@ -148,7 +169,7 @@ split = json.load(open(os.path.join(e["WORK"], "split.json")))
 opts = {
     "archives": [a["path"] for a in split["train"]],
     "val_archives": [a["path"] for a in split["val"]],
-    "out": e["STAGE_OUT"], "preset": "lite", "head": "all", "init": e["STAGE_INIT"] or None,
+    "out": e["STAGE_OUT"], "preset": e["PRESET"], "head": "all", "init": e["STAGE_INIT"] or None,
     "steps": int(e["STAGE_STEPS"]), "batch": int(e["BATCH"]), "crop": int(e["CROP"]), "lr": float(e["STAGE_LR"]),
     "seed": int(e["SEED"]), "device": e["DEVICE"], "num_workers": int(e["NUM_WORKERS"]),
     "log_every": int(e["LOG_EVERY"]), "val_every": int(e["VAL_EVERY"]), "ckpt_every": int(e["CKPT_EVERY"]),
@@ -164,6 +185,7 @@ EOF
 }
 
 export BATCH CROP P_NOISE DROP_PATH SEED DEVICE NUM_WORKERS LOG_EVERY VAL_EVERY CKPT_EVERY P_MOTION MOTION_TRIES
+export PRESET
 if [[ "$FT_STEPS" -gt 0 ]]; then
     STAGE1="${OUT%.pt}.stage1.pt"
     if [[ ! -f "$STAGE1" ]]; then

@@ -308,6 +308,10 @@ def status_cmd(workdir, as_json, verify):
     n = st["n_units"]
     click.echo(f"{wd.path}: {len(st['done'])}/{n} units done, {len(st['pending'])} pending, "
                f"{len(st['failed'])} failed; {st['frames_done']}/{st['n_frames']} frames")
+    if st.get("consistency"):
+        from xvr_batch.consistency import describe
+        click.echo(f"  LR consistency of {st['consistency']['n']} frames: "
+                   f"{describe(st['consistency'], median_label='median of unit medians')}")
     for uid, why in list(st.get("errors", {}).items())[:5]:
         click.echo(f"  unit {uid} failed: {why} (it is redone on resume)")
     if st.get("problems"):
@@ -369,22 +373,37 @@ def resume_cmd(workdir, backend_override, quiet):
 @click.option("--two-cameras", is_flag=True,
               help="OUTPUT is a folder: two cameras' files (LR HDF5, HR TIFF + timestamps), misregistered, two "
                    "clocks, plus truth.h5 and truth.json (see docs/TWO_CAMERAS.md).")
-def synth_cmd(output, n_frames, hr_size, stride, offset, seed, families, speed, dtype, overwrite, two_cameras):
+@click.option("--effects", default=None, metavar="LIST",
+              help="Opt-in domain randomisation, comma-separated: texture, dose, saturation, psf, read, fpn, defects, "
+                   "flicker, misreg; or all / random, and -NAME to drop one (e.g. all,-flicker).")
+@click.option("--randomise", "--randomize", "randomise", is_flag=True,
+              help="Enable a random subset of the effects (by seed); same as --effects random.")
+def synth_cmd(output, n_frames, hr_size, stride, offset, seed, families, speed, dtype, overwrite, two_cameras,
+              effects, randomise):
     """Write a realistic synthetic x-ray archive (with dense truth /exchange/data_gt) to OUTPUT."""
     from xvr_batch import synth
+    fx = ",".join(x for x in (effects, "random" if randomise else None) if x) or None
+    if fx is not None:
+        try:
+            synth.resolve_effects(fx, seed)
+        except ValueError as exc:
+            raise UserError(f"--effects: {exc}") from None
     if two_cameras:
+        if fx is not None:
+            raise UserError("--effects/--randomise: not available with --two-cameras")
         _synth_two_cameras(output, n_frames, hr_size, stride, offset, seed, families, speed, dtype, overwrite)
         return
     if Path(output).is_dir():
         raise UserError(f"{output}: is a directory; give a file name (or pass --two-cameras to write a folder)")
     if Path(output).exists() and not overwrite:
         raise UserError(f"{output}: already exists; pass --overwrite or choose another name")
-    bad = [f for f in families if f not in synth.FAMILIES]
+    bad = [f for f in families if f not in synth.ALL_FAMILIES]
     if bad:
-        raise UserError(f"--family {bad[0]!r}: choose from {', '.join(synth.FAMILIES)}")
+        raise UserError(f"--family {bad[0]!r}: choose from {', '.join(synth.ALL_FAMILIES)}")
     try:
         summary = synth.synthesize(output, n_frames=n_frames, hr_shape=tuple(hr_size), stride=stride, offset=offset,
-                                   seed=seed, families=list(families) or None, speed=speed, dtype=dtype)
+                                   seed=seed, families=list(families) or None, speed=speed, dtype=dtype,
+                                   **({"effects": fx} if fx is not None else {}))
     except ValueError as exc:
         raise UserError(f"{output}: {exc}") from None
     click.echo(f"wrote {output}: " + json.dumps(summary, default=str))
@@ -399,9 +418,9 @@ def _synth_two_cameras(output, n_frames, hr_size, stride, offset, seed, families
         raise UserError(f"{output}: folder is not empty; pass --overwrite or choose another folder")
     if not out.parent.is_dir():
         raise UserError(f"{output}: parent folder {out.parent} does not exist; create it first")
-    bad = [f for f in families if f not in synth.FAMILIES]
+    bad = [f for f in families if f not in synth.ALL_FAMILIES]
     if bad:
-        raise UserError(f"--family {bad[0]!r}: choose from {', '.join(synth.FAMILIES)}")
+        raise UserError(f"--family {bad[0]!r}: choose from {', '.join(synth.ALL_FAMILIES)}")
     if offset >= stride:
         raise UserError(f"--offset {offset}: with --two-cameras give an offset below --stride {stride} (the HR "
                         "camera starts one key interval before the LR camera)")
@@ -515,6 +534,71 @@ def evaluate_cmd(recon, truth, frames, max_frames, json_out, plot_out):
     if plot_out:
         ev.plot(result, recon, truth, plot_out)
         click.echo(f"plot written to {plot_out}")
+
+
+# ---------------------------------------------------------------------------------------- validate / finetune
+
+@command("validate")
+@click.argument("archive", type=click.Path())
+@click.option("--weights", default=None, metavar="W",
+              help="Checkpoint (our format) or a shipped name. Default: shipped 'lite'.")
+@click.option("--keys", "keys_spec", default=None, metavar="1,3,5|2:8",
+              help="Key numbers (indices into hr_index) to validate [every interior key].")
+@click.option("--registration", default="auto", show_default=True, metavar="auto|none|FILE.json",
+              help="As reconstruct --registration.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG: PSNR per key for each method, and one side-by-side panel.")
+def validate_cmd(archive, weights, keys_spec, registration, device, as_json, plot_out):
+    """Key-frame self-validation, for archives without dense truth: hide each interior key frame,
+    reconstruct it from its two neighbours and the LR frames, and score it against the real key frame,
+    next to the key-frame blend and bicubic LR baselines."""
+    from xvr_batch import validate as va
+    result = va.validate_archive(archive, weights=weights, keys=va.parse_keys(keys_spec), registration=registration,
+                                 device=device, progress=not as_json, keep_images=bool(plot_out),
+                                 log=(lambda s: None) if as_json else _echo_err)
+    if plot_out:
+        va.plot(result, plot_out)
+    if as_json:
+        click.echo(json.dumps(va.public(result), allow_nan=False))
+        return
+    click.echo(va.format_table(result))
+    if plot_out:
+        click.echo(f"plot written to {plot_out}")
+
+
+@command("finetune")
+@click.argument("archive", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Fine-tuned checkpoint (use it with reconstruct --weights).")
+@click.option("--weights", default=None, metavar="BASE", help="Base weights [the shipped 'lite'].")
+@click.option("--steps", type=click.IntRange(min=1), default=400, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0), default=1e-4, show_default=True, help="Adam learning rate.")
+@click.option("--crop", type=click.IntRange(min=4), default=24, show_default=True, help="LR crop (HR = 4x).")
+@click.option("--holdout", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Hold out every N-th interior key for validation (at least one).")
+@click.option("--max-gap", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Brackets k-j, k+j with 1 <= j <= this.")
+@click.option("--registration", default="auto", show_default=True, metavar="auto|none|FILE.json",
+              help="As reconstruct --registration.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def finetune_cmd(archive, out, quiet, **kw):
+    """Fine-tune the weights on ARCHIVE's own key frames (no dense truth): each target is a real key frame,
+    reconstructed from keys k-j, k+j and the LR frames around it. Held-out keys are validated before and
+    after. Under torchrun or srun: DDP. A stopped run (exit 75) continues with the same command."""
+    from xvr_batch import finetune as ft
+    from xvr_batch.train import TrainingStopped
+    try:
+        res = ft.run_finetune(ft.options(archive=archive, out=out, progress=not quiet, **kw), log=_echo_err)
+    except TrainingStopped as exc:
+        from xvr_batch.errors import EXIT_STOPPED
+        _echo_err(str(exc))
+        sys.exit(EXIT_STOPPED)
+    click.echo(res["out"])
 
 
 # ---------------------------------------------------------------------------------------- preview

@@ -81,6 +81,68 @@ Families
     of the substrate, running along a persistent random path; the opening behind the tip grows
     like the square root of the distance to the tip and widens slowly over time.
 
+More families (opt-in by name, :data:`EXTRA_FAMILIES`)
+-----------------------------------------------------
+``families=None`` draws only from :data:`MOVING_FAMILIES`, so these appear only when named.
+
+``meltpool``
+    A liquid region below the surface, less dense than the solid, whose boundary deforms (waves
+    travelling along it at about ``speed``, plus breathing), which travels along the surface (a
+    scan, bouncing between 10 % and 90 % of the width) and whose interior carries a density texture
+    swirled by a differential rotation (fluid-like shear).
+``spatter``
+    Small (radius 0.7-2.5 HR px), fast (2-5x ``speed``) particles ejected ballistically from a spot
+    on the surface at random times, under gravity; they leave the field or fall back and are gone.
+``collide``
+    4-9 spheres with two through-holes (so their spin shows) moving in the field, colliding
+    elastically with each other (friction exchanges spin) and bouncing off the border.
+``debris``
+    2-4 lumpy, spinning bodies that enter the field from a border at staggered times, cross it
+    along straight lines and leave it (objects entering and leaving the field).
+``occluder``
+    Occlusion: a nearly opaque plate (attenuation 2.5-4.5) whose straight edge sweeps back and forth
+    over part of the field, and a thin dense wire crossing it.
+
+Domain randomisation (opt-in: ``effects=``)
+-------------------------------------------
+Each effect draws its parameters from :data:`EFFECT_RANGES` with its own random stream, so
+enabling one never changes another's draws (the per-frame photon noise still follows the signal).
+``effects=None`` (default) gives exactly the plain archive, byte for byte. The names, in the order
+they are applied, are :data:`EFFECTS`:
+
+``texture``
+    Multiscale substrate texture (3-5 octaves of filtered noise with a falloff), dense inclusions
+    and pores.
+``dose``
+    Doses over a wide range (LR 150-20000, HR 1000-50000 photons per pixel, log-uniform), where
+    ``lr_dose`` / ``hr_dose`` are not given. (The factor between the cameras is ``scale``.)
+``saturation``
+    Gains that put the open beam at 80-160 % (LR) / 70-130 % (HR) of the 16-bit range, so bright
+    regions and fringes clip.
+``psf``
+    Scintillator blur per camera over a wide range (HR sigma 0.4-2 px, LR 0.25-1.2 px) with a wide
+    halo (0-15 % of the light in a Gaussian of 2-8 / 1-3 px).
+``read``
+    Read noise beside Poisson over a wide range (0.5-20 / 0.5-10 photon equivalents) plus per-frame
+    row offsets (0-50 % of it, the banding of CMOS read-out).
+``fpn``
+    Stronger gain non-uniformity and fixed-pattern noise: pixel response 0.5-4 %, column and row gain
+    stripes, column offsets 2-30 ADU.
+``defects``
+    Hot pixels that saturate (always at the same positions) and dead pixels that read 0, on both
+    cameras (fractions log-uniform in 5e-5-1e-3 and 5e-5-5e-4; at least one of each).
+``flicker``
+    A beam that flickers and drifts: per-frame intensity jitter (0.5-4 %), a ramp (-10..+5 % over
+    the sequence), short dips (top-up / mono glitches) and a drift of the beam centre (up to 5 % of
+    the field). The flats see the flicker of their own instants.
+``misreg``
+    Residual misregistration after registration: the LR camera sees the field through a small
+    affine (shift up to 0.35 LR px per axis, rotation within 0.3 degrees, scale within 0.3 %),
+    sampled like :func:`two_cameras` does it, so the LR is no longer an exact bin of the truth.
+
+The effects and their drawn parameters are stored in the archive's ``/synth`` metadata
+(``effects`` and ``effect_params``; ``params_json`` has both); the ``/exchange`` layout is the same.
+
 Speed
 -----
 ``speed`` is the characteristic image velocity in LR pixels per frame of the moving families:
@@ -91,7 +153,8 @@ particle speed, rim speed of the rotor, crack tip speed, speed of the keyhole wa
 Determinism
 -----------
 All randomness comes from :class:`numpy.random.Generator` objects seeded from ``seed`` only
-(one independent stream per component), so the same arguments give identical arrays.
+(one independent stream per component, family and effect), so the same arguments give identical
+arrays.
 """
 
 from __future__ import annotations
@@ -103,13 +166,42 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["FAMILIES", "MOVING_FAMILIES", "generate", "write_archive", "synthesize"]
+__all__ = ["FAMILIES", "MOVING_FAMILIES", "EXTRA_FAMILIES", "ALL_FAMILIES", "ALL_MOVING_FAMILIES", "EFFECTS",
+           "EFFECT_RANGES", "resolve_effects", "generate", "write_archive", "synthesize"]
 
 #: Names of the scene families. ``static`` (the textured background) is always present.
 FAMILIES: tuple[str, ...] = ("static", "particles", "cavity", "rotor", "crack")
 
 #: The families that move; ``families=None`` draws 1-3 of these.
 MOVING_FAMILIES: tuple[str, ...] = FAMILIES[1:]
+
+#: More moving families (opt-in by name: ``families=None`` never draws them, so archives made
+#: without naming them are unchanged). See "More families" in the module docstring.
+EXTRA_FAMILIES: tuple[str, ...] = ("meltpool", "spatter", "collide", "debris", "occluder")
+ALL_FAMILIES: tuple[str, ...] = FAMILIES + EXTRA_FAMILIES
+ALL_MOVING_FAMILIES: tuple[str, ...] = ALL_FAMILIES[1:]
+
+#: Opt-in domain-randomisation effects (``effects=``), in the order they are applied and recorded.
+EFFECTS: tuple[str, ...] = ("texture", "dose", "saturation", "psf", "read", "fpn", "defects", "flicker",
+                            "misreg")
+
+#: The ranges each effect draws its parameters from (uniform unless marked log-uniform). Camera
+#: parameters are drawn per camera (``_lr`` / ``_hr``). Read noise is in photon equivalents.
+EFFECT_RANGES: dict[str, dict[str, Any]] = {
+    "texture": {"octaves": (3, 5), "amplitude": (0.03, 0.1), "falloff": (0.5, 1.0),
+                "inclusions_per_kpx": (0.05, 0.5), "pores_per_kpx": (0.02, 0.3)},
+    "dose": {"lr_dose_log": (150.0, 20000.0), "hr_dose_log": (1000.0, 50000.0)},
+    "saturation": {"fill_lr": (0.8, 1.6), "fill_hr": (0.7, 1.3)},
+    "psf": {"sigma_hr": (0.4, 2.0), "sigma_lr": (0.25, 1.2), "halo_fraction": (0.0, 0.15),
+            "halo_sigma_hr": (2.0, 8.0), "halo_sigma_lr": (1.0, 3.0)},
+    "read": {"read_photons_lr": (0.5, 20.0), "read_photons_hr": (0.5, 10.0), "row_fraction": (0.0, 0.5)},
+    "fpn": {"prnu": (0.005, 0.04), "column_gain": (0.002, 0.02), "row_gain": (0.0, 0.01),
+            "column_offset_adu": (2.0, 30.0)},
+    "defects": {"hot_fraction_log": (5e-5, 1e-3), "dead_fraction_log": (5e-5, 5e-4)},
+    "flicker": {"jitter": (0.005, 0.04), "ramp": (-0.1, 0.05), "dip_rate": (0.0, 0.02),
+                "dip_depth": (0.05, 0.3), "centre_drift": (-0.05, 0.05)},
+    "misreg": {"shift_lr_px": (-0.35, 0.35), "rotation_deg": (-0.3, 0.3), "scale": (0.997, 1.003)},
+}
 
 #: Range of the per-family speed (LR px/frame) drawn when ``speed`` is None (log-uniform).
 SPEED_RANGE: tuple[float, float] = (0.1, 4.0)
@@ -125,6 +217,16 @@ _FORMAT = "xvr_batch.synth/1"
 # Independent random streams (SeedSequence spawn keys).
 _STREAM_CHOICE, _STREAM_BACKGROUND, _STREAM_BEAM, _STREAM_CAMERA, _STREAM_NOISE = 0, 1, 2, 3, 4
 _STREAM_FAMILY0 = 10
+_STREAM_EXTRA_FAMILY0 = 30  # + index in EXTRA_FAMILIES
+_STREAM_EFFECT_CHOICE = 39  # effects="random"
+_STREAM_EFFECT0 = 40  # + index in EFFECTS: each effect's parameter draws
+_STREAM_ROW_NOISE = 60  # + 0 (LR) / 1 (HR): per-frame row noise of the "read" effect
+
+
+def _family_stream(name: str) -> int:
+    if name in FAMILIES:
+        return _STREAM_FAMILY0 + FAMILIES.index(name)
+    return _STREAM_EXTRA_FAMILY0 + EXTRA_FAMILIES.index(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,8 +727,305 @@ class _Crack(_Family):
         return out
 
 
+class _MeltPool(_Family):
+    """A melt pool: a liquid region below the surface whose boundary deforms, that travels along the
+    surface (scan), and whose interior carries a swirling (differentially rotating) density texture."""
+
+    name = "meltpool"
+
+    def __init__(self, rng: np.random.Generator, bg: _Background, v: float, n_frames: int):
+        super().__init__(rng, bg, v, n_frames)
+        hh, ww = bg.shape
+        avail = max(hh - bg.y0 - 3.0, 6.0)
+        self.r0 = rng.uniform(0.35, 0.8) * avail  # depth, px
+        self.aspect = rng.uniform(1.0, 2.0)  # half-width / depth
+        self.x0 = rng.uniform(0.25, 0.75) * ww
+        self.vx = v * rng.uniform(0.1, 0.4) * (1.0 if rng.random() < 0.5 else -1.0)
+        self.k = np.arange(2, 7, dtype=np.float64)
+        self.amp = rng.uniform(0.02, 0.09, self.k.size) / np.sqrt(self.k - 1.0)
+        self.ph = rng.uniform(0, 2 * math.pi, self.k.size)
+        # boundary waves travel along the boundary at about v
+        self.omega = v * self.k / self.r0 * rng.uniform(0.5, 1.5, self.k.size) * rng.choice([-1.0, 1.0], self.k.size)
+        self.breath_a = rng.uniform(0.03, 0.12)
+        self.breath_p = max(2 * math.pi * self.breath_a * self.r0 / max(v, 1e-6), 8.0)
+        self.breath_ph = rng.uniform(0, 2 * math.pi)
+        self.drho = rng.uniform(0.15, 0.35)  # density deficit of the liquid
+        self.l_beam = min(self.aspect * self.r0, bg.l_sub / 2.0)
+        self.tex = _filtered_noise(rng, bg.shape, rng.uniform(1.5, 4.0))
+        self.tex_a = rng.uniform(0.2, 0.6)
+        self.swirl = v / self.r0 * rng.uniform(0.3, 1.0) * (1.0 if rng.random() < 0.5 else -1.0)
+
+    def centre_x(self, t: float) -> float:
+        ww = self.bg.shape[1]
+        lo, hi = 0.1 * ww, 0.9 * ww
+        p = (self.x0 + self.vx * t - lo) % (2 * (hi - lo))  # bounce between lo and hi
+        return lo + (p if p <= hi - lo else 2 * (hi - lo) - p)
+
+    def attenuation(self, t: float) -> np.ndarray:
+        from scipy import ndimage
+
+        hh, ww = self.bg.shape
+        out = np.zeros(self.bg.shape, np.float32)
+        xc = self.centre_x(t)
+        ys = float(np.interp(xc, self.bg.x, self.bg.y_surf))
+        breath = 1.0 + self.breath_a * math.sin(2 * math.pi * t / self.breath_p + self.breath_ph)
+        rmax = self.r0 * breath * (1.0 + self.amp.sum()) + 2.0
+        r0, r1 = max(int(ys) - 3, 0), min(int(math.ceil(ys + rmax)) + 1, hh)
+        c0 = max(int(xc - self.aspect * rmax) - 1, 0)
+        c1 = min(int(math.ceil(xc + self.aspect * rmax)) + 1, ww)
+        if r1 <= r0 or c1 <= c0:
+            return out
+        yy = (np.arange(r0, r1) + 0.5 - ys)[:, None]
+        xx = ((np.arange(c0, c1) + 0.5 - xc) / self.aspect)[None, :]
+        rho = np.hypot(yy, xx)
+        th = np.arctan2(yy, xx)
+        rb = self.r0 * breath * (1.0 + (self.amp[:, None, None] * np.cos(
+            self.k[:, None, None] * th[None] + self.ph[:, None, None] + self.omega[:, None, None] * t)).sum(axis=0))
+        inside = np.clip(0.5 + (rb - rho), 0.0, 1.0) * (yy > -1.0)
+        prof = 0.4 + 0.6 * np.sqrt(np.clip(1.0 - (rho / np.maximum(rb, 1e-6)) ** 2, 0.0, 1.0))
+        # swirl: rotate the texture by an angle that falls off from the centre to the boundary
+        ang = -self.swirl * t * np.clip(1.0 - rho / np.maximum(rb, 1e-6), 0.0, 1.0)
+        ca, sa = np.cos(ang), np.sin(ang)
+        sx, sy = self.aspect * (xx * ca - yy * sa), xx * sa + yy * ca
+        tex = ndimage.map_coordinates(self.tex, [ys + sy - 0.5, xc + sx - 0.5], order=1, mode="reflect")
+        a = self.drho * self.bg.mu_sub * self.l_beam * prof * (1.0 + self.tex_a * tex) * inside
+        out[r0:r1, c0:c1] = -a
+        out *= self.bg.sub_mask
+        return out
+
+
+class _Spatter(_Family):
+    """Spatter: small, fast particles ejected ballistically (with gravity) from a spot on the
+    surface at random times; they fly out of the field or fall back, and never re-enter."""
+
+    name = "spatter"
+
+    def __init__(self, rng: np.random.Generator, bg: _Background, v: float, n_frames: int):
+        super().__init__(rng, bg, v, n_frames)
+        hh, ww = bg.shape
+        n = max(4, int(rng.poisson(rng.uniform(2.0, 6.0) * max(n_frames, 2) * hh * ww / 65536.0)) + 3)
+        self.te = rng.uniform(-0.5 * n_frames, n_frames, n)  # emission times
+        xs = rng.uniform(0.2, 0.8) * ww
+        x = xs + rng.normal(0.0, 3.0, n)
+        y = np.interp(x, bg.x, bg.y_surf) - 1.0
+        self.p0 = np.stack([y, x])
+        ang = rng.normal(0.0, 0.6, n)  # from the vertical (upwards)
+        speed = v * _loguniform(rng, 2.0, 5.0, n)
+        self.vel = np.stack([-speed * np.cos(ang), speed * np.sin(ang)])
+        self.g = float(rng.uniform(0.5, 2.0) * (v * 3.0) / max(n_frames, 1))  # px/frame^2, downwards
+        self.r = _loguniform(rng, 0.7, 2.5, n)
+        self.mu = np.full(n, rng.uniform(0.03, 0.08))
+
+    def positions(self, t: float) -> tuple[np.ndarray, np.ndarray]:
+        hh, ww = self.bg.shape
+        dt = t - self.te
+        p = self.p0 + self.vel * dt
+        p[0] += 0.5 * self.g * dt * dt
+        m = self.r + 2.0
+        alive = (dt >= 0) & (p[0] > -m) & (p[1] > -m) & (p[1] < ww + m)
+        alive &= p[0] < np.interp(p[1], self.bg.x, self.bg.y_surf) + self.r  # fell back: absorbed
+        return p, alive
+
+    def attenuation(self, t: float) -> np.ndarray:
+        p, alive = self.positions(t)
+        return _splat_spheres(self.bg.shape, p[0, alive], p[1, alive], self.r[alive], self.mu[alive])
+
+
+class _Collide(_Family):
+    """Rotating, colliding particles: disks (spheres with two through-holes, so the spin shows) that
+    move, collide elastically with each other and bounce off the field's border."""
+
+    name = "collide"
+
+    def __init__(self, rng: np.random.Generator, bg: _Background, v: float, n_frames: int):
+        super().__init__(rng, bg, v, n_frames)
+        hh, ww = bg.shape
+        n_want = int(rng.integers(4, 10))
+        r_lo = max(3.0, 0.04 * min(hh, ww))
+        rs, ps = [], []
+        for _ in range(200 * n_want):
+            if len(rs) >= n_want:
+                break
+            r = rng.uniform(r_lo, max(r_lo + 1.0, 0.1 * min(hh, ww)))
+            p = np.array([rng.uniform(r, hh - r), rng.uniform(r, ww - r)])
+            if all(np.hypot(*(p - q)) > r + s + 1.0 for q, s in zip(ps, rs)):
+                rs.append(r)
+                ps.append(p)
+        self.r = np.asarray(rs)
+        n = self.r.size
+        th = rng.uniform(0, 2 * math.pi, n)
+        sp = v * _loguniform(rng, 0.5, 1.5, n)
+        vel = np.stack([sp * np.sin(th), sp * np.cos(th)], axis=1)
+        omega = v * rng.uniform(-1.0, 1.0, n) / self.r
+        self.mu = rng.uniform(0.03, 0.08)
+        self.hole_r = 0.25 * self.r
+        self.hole_off = rng.uniform(0, 2 * math.pi, n)
+        # simulate once; positions and angles at integer frames, interpolated in between
+        pos = np.asarray(ps, np.float64).reshape(n, 2)
+        ang = rng.uniform(0, 2 * math.pi, n)
+        mass = self.r**3
+        nt = max(int(n_frames), 1) + 1
+        self.traj = np.empty((nt, n, 2))
+        self.angs = np.empty((nt, n))
+        self.n_collisions = 0
+        sub = 4
+        for k in range(nt):
+            self.traj[k], self.angs[k] = pos, ang
+            for _ in range(sub):
+                pos = pos + vel / sub
+                ang = ang + omega / sub
+                for ax, lim in ((0, hh), (1, ww)):  # walls
+                    lo, hi = pos[:, ax] < self.r, pos[:, ax] > lim - self.r
+                    vel[lo, ax] = np.abs(vel[lo, ax])
+                    vel[hi, ax] = -np.abs(vel[hi, ax])
+                for i in range(n):
+                    for j in range(i + 1, n):
+                        d = pos[j] - pos[i]
+                        dist = math.hypot(d[0], d[1])
+                        if dist >= self.r[i] + self.r[j] or dist == 0:
+                            continue
+                        nrm = d / dist
+                        rel = float(np.dot(vel[i] - vel[j], nrm))
+                        if rel <= 0:
+                            continue
+                        self.n_collisions += 1
+                        mi, mj = mass[i], mass[j]
+                        vel[i] -= 2 * mj / (mi + mj) * rel * nrm
+                        vel[j] += 2 * mi / (mi + mj) * rel * nrm
+                        # friction at the contact exchanges spin
+                        tang = np.array([-nrm[1], nrm[0]])
+                        slip = float(np.dot(vel[i] - vel[j], tang)) + omega[i] * self.r[i] + omega[j] * self.r[j]
+                        omega[i] -= 0.3 * slip / self.r[i]
+                        omega[j] -= 0.3 * slip / self.r[j]
+
+    def _state(self, t: float) -> tuple[np.ndarray, np.ndarray]:
+        nt = self.traj.shape[0]
+        if t <= 0:
+            return self.traj[0], self.angs[0]
+        k = min(int(math.floor(t)), nt - 1)
+        f = t - k
+        if k + 1 >= nt or f == 0:
+            return self.traj[k], self.angs[k]
+        return (1 - f) * self.traj[k] + f * self.traj[k + 1], (1 - f) * self.angs[k] + f * self.angs[k + 1]
+
+    def attenuation(self, t: float) -> np.ndarray:
+        if self.r.size == 0:
+            return np.zeros(self.bg.shape, np.float32)
+        p, a = self._state(t)
+        out = _splat_spheres(self.bg.shape, p[:, 0], p[:, 1], self.r, np.full(self.r.size, self.mu))
+        hy, hx, hr = [], [], []
+        for off in (0.0, 2.2):  # two holes at half radius, 126 degrees apart
+            hy.append(p[:, 0] + 0.5 * self.r * np.sin(a + self.hole_off + off))
+            hx.append(p[:, 1] + 0.5 * self.r * np.cos(a + self.hole_off + off))
+            hr.append(self.hole_r * (1.0 if off == 0 else 0.7))
+        out -= _splat_spheres(self.bg.shape, np.concatenate(hy), np.concatenate(hx), np.concatenate(hr),
+                              np.full(2 * self.r.size, 0.8 * self.mu))
+        return out
+
+
+class _Debris(_Family):
+    """Objects that enter and leave the field: lumpy, spinning bodies that fly in from a border at
+    staggered times, cross the field along straight lines and leave it."""
+
+    name = "debris"
+
+    def __init__(self, rng: np.random.Generator, bg: _Background, v: float, n_frames: int):
+        super().__init__(rng, bg, v, n_frames)
+        hh, ww = bg.shape
+        n = int(rng.integers(2, 5))
+        self.bodies = []
+        centre = np.array([hh / 2.0, ww / 2.0])
+        for k in range(n):
+            a = rng.uniform(0.06, 0.15) * min(hh, ww) + 1.5
+            b = a * rng.uniform(0.45, 1.0)
+            side = int(rng.integers(0, 4))  # 0 top, 1 bottom, 2 left, 3 right
+            u = rng.uniform(0.15, 0.85)
+            entry = [np.array([0.0, u * ww]), np.array([float(hh), u * ww]),
+                     np.array([u * hh, 0.0]), np.array([u * hh, float(ww)])][side]
+            target = centre + rng.uniform(-0.3, 0.3, 2) * np.array([hh, ww])
+            d = target - entry
+            d /= max(np.hypot(*d), 1e-9)
+            speed = v * _loguniform(rng, 0.7, 1.6)
+            t_enter = n_frames * 0.7 * k / n + rng.uniform(0.0, 0.3 * n_frames / n)
+            start = entry - d * (a + 2.0)  # just outside the border at t_enter
+            self.bodies.append(dict(
+                a=a, b=b, amp=rng.uniform(0.25, 0.8), start=start, vel=d * speed, t_enter=t_enter,
+                ang0=rng.uniform(0, 2 * math.pi), spin=v * rng.uniform(-0.7, 0.7) / a,
+                lump=rng.uniform(0.0, 0.12, 3), lump_ph=rng.uniform(0, 2 * math.pi, 3), side=side))
+
+    def centre(self, body: dict[str, Any], t: float) -> np.ndarray:
+        return body["start"] + body["vel"] * (t - body["t_enter"])
+
+    def attenuation(self, t: float) -> np.ndarray:
+        hh, ww = self.bg.shape
+        out = np.zeros(self.bg.shape, np.float32)
+        for bd in self.bodies:
+            c = self.centre(bd, t)
+            ext = bd["a"] * (1.0 + bd["lump"].sum()) + 2.0
+            r0, r1 = max(int(c[0] - ext), 0), min(int(math.ceil(c[0] + ext)), hh)
+            c0, c1 = max(int(c[1] - ext), 0), min(int(math.ceil(c[1] + ext)), ww)
+            if r1 <= r0 or c1 <= c0:
+                continue
+            ss = 2  # 2x2 supersampling for anti-aliased edges
+            yy = (np.arange(r0 * ss, r1 * ss) + 0.5) / ss - c[0]
+            xx = (np.arange(c0 * ss, c1 * ss) + 0.5) / ss - c[1]
+            yy, xx = yy[:, None], xx[None, :]
+            ang = bd["ang0"] + bd["spin"] * t
+            u = xx * math.cos(ang) + yy * math.sin(ang)
+            w = -xx * math.sin(ang) + yy * math.cos(ang)
+            th = np.arctan2(w, u)
+            rad = 1.0 + sum(l * np.cos((k + 2) * th + p) for k, (l, p) in enumerate(zip(bd["lump"], bd["lump_ph"])))
+            d2 = ((u / bd["a"]) ** 2 + (w / bd["b"]) ** 2) / rad**2
+            val = bd["amp"] * np.sqrt(np.clip(1.0 - d2, 0.0, 1.0))
+            out[r0:r1, c0:c1] += val.reshape(r1 - r0, ss, c1 - c0, ss).mean(axis=(1, 3))
+        return out
+
+
+class _Occluder(_Family):
+    """Occlusion: a thick, nearly opaque plate (a shield, a tool) whose straight edge sweeps back and
+    forth over part of the field, and a thin dense wire crossing it, hiding the scene behind them."""
+
+    name = "occluder"
+
+    def __init__(self, rng: np.random.Generator, bg: _Background, v: float, n_frames: int):
+        super().__init__(rng, bg, v, n_frames)
+        hh, ww = bg.shape
+        size = math.hypot(hh, ww)
+        th = rng.uniform(0, 2 * math.pi)
+        self.nrm = (math.sin(th), math.cos(th))  # (ny, nx): the plate is where n . (p - c) < edge
+        self.c = (hh / 2.0, ww / 2.0)
+        self.e0 = rng.uniform(-0.45, -0.1) * size / 2
+        self.amp_e = rng.uniform(0.1, 0.25) * size
+        self.per = max(2 * math.pi * self.amp_e / max(v, 1e-6), 10.0)
+        self.ph = rng.uniform(0, 2 * math.pi)
+        self.a_plate = rng.uniform(2.5, 4.5)
+        self.ramp = rng.uniform(3.0, 10.0)
+        tw = rng.uniform(0, 2 * math.pi)
+        self.wn = (math.sin(tw), math.cos(tw))
+        self.w_r = rng.uniform(1.0, 3.0)
+        self.w_mu = rng.uniform(0.3, 0.8)
+        self.w_v = v * rng.uniform(0.5, 1.5) * (1.0 if rng.random() < 0.5 else -1.0)
+        self.w_d0 = rng.uniform(-0.5, 0.5) * size / 2
+
+    def edge(self, t: float) -> float:
+        return self.e0 + self.amp_e * math.sin(2 * math.pi * t / self.per + self.ph)
+
+    def attenuation(self, t: float) -> np.ndarray:
+        hh, ww = self.bg.shape
+        y = (np.arange(hh) + 0.5 - self.c[0])[:, None]
+        x = (np.arange(ww) + 0.5 - self.c[1])[None, :]
+        d = self.nrm[0] * y + self.nrm[1] * x - self.edge(t)
+        cover = np.clip(0.5 - d, 0.0, 1.0)
+        plate = self.a_plate * cover * (0.3 + 0.7 * np.clip(-d / self.ramp, 0.0, 1.0))
+        half = 0.5 * (hh + ww)
+        dw = _wrap(self.wn[0] * y + self.wn[1] * x - (self.w_d0 + self.w_v * t), -half, half)
+        wire = self.w_mu * 2.0 * np.sqrt(np.clip(self.w_r**2 - dw * dw, 0.0, None))
+        return (plate + wire).astype(np.float32)
+
+
 _FAMILY_CLASSES: dict[str, type[_Family]] = {
-    cls.name: cls for cls in (_Particles, _Cavity, _Rotor, _Crack)
+    cls.name: cls for cls in (_Particles, _Cavity, _Rotor, _Crack, _MeltPool, _Spatter, _Collide, _Debris,
+                              _Occluder)
 }
 
 
@@ -706,21 +1105,44 @@ class _Camera:
         hot = rng.random(shape) < 2e-4
         dark[hot] += rng.uniform(50.0, 500.0, int(hot.sum()))
         self.dark = dark.astype(np.float32)
+        # opt-in detector effects (see EFFECTS); the defaults leave the model above unchanged
+        self.halo: tuple[float, float] | None = None  # (fraction, sigma) of a wide PSF halo
+        self.dead: np.ndarray | None = None  # boolean mask of dead pixels (read ``dead_level``)
+        self.dead_level = 0.0
+        self.row_noise = 0.0  # per-frame row-offset noise (ADU), drawn from ``row_rng``
+        self.row_rng: np.random.Generator | None = None
+
+    def _psf(self, x: np.ndarray) -> np.ndarray:
+        out = _blur(x, self.psf)
+        if self.halo is not None:
+            frac, sigma = self.halo
+            out = (1.0 - frac) * out + frac * _blur(x, sigma)
+        return out
+
+    def _finish(self, sig: np.ndarray) -> np.ndarray:
+        if self.row_noise > 0 and self.row_rng is not None:
+            sig = sig + self.row_rng.normal(0.0, self.row_noise, (self.shape[0], 1)).astype(np.float32)
+        if self.dead is not None:
+            sig = np.where(self.dead, np.float32(self.dead_level), sig).astype(np.float32)
+        return sig
 
     def expected(self, exit_intensity: np.ndarray) -> np.ndarray:
         """Noise-free mean signal (ADU) for an exit intensity (beam included) on this grid."""
         lam = self.dose * exit_intensity * self.pattern
-        return self.gain * _blur(lam, self.psf) + self.dark
+        out = self.gain * self._psf(lam) + self.dark
+        if self.dead is not None:
+            out = np.where(self.dead, np.float32(self.dead_level), out).astype(np.float32)
+        return out
 
     def record(self, exit_intensity: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One noisy exposure (ADU): Poisson photons, PSF, gain, dark map, read noise."""
         lam = self.dose * exit_intensity * self.pattern
         photons = rng.poisson(np.maximum(lam, 0.0)).astype(np.float32)
-        sig = self.gain * _blur(photons, self.psf) + self.dark
-        return sig + rng.normal(0.0, self.read, self.shape).astype(np.float32)
+        sig = self.gain * self._psf(photons) + self.dark
+        return self._finish(sig + rng.normal(0.0, self.read, self.shape).astype(np.float32))
 
     def dark_frame(self, rng: np.random.Generator) -> np.ndarray:
-        return self.dark + rng.normal(0.0, self.read, self.shape).astype(np.float32)
+        return self._finish(self.dark + rng.normal(0.0, self.read, self.shape).astype(np.float32))
 
 
 def _to_dtype(adu: np.ndarray, dtype: str, integer: bool = True) -> np.ndarray:
@@ -737,6 +1159,167 @@ def _to_dtype(adu: np.ndarray, dtype: str, integer: bool = True) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# opt-in domain randomisation (effects=...)
+# ----------------------------------------------------------------------------------------------
+def resolve_effects(effects: Any, seed: int = 0) -> list[str]:
+    """Effect names from ``effects`` in :data:`EFFECTS` order.
+
+    ``effects`` is None or empty (no effects: the archive is exactly the plain one), a sequence of
+    names, or a string separated by ``,`` or ``+``. ``"all"`` enables every effect; ``"random"``
+    enables each with probability 1/2, drawn from the seed's own stream; ``-name`` removes one
+    (``"all,-flicker"``, ``"random,-defects"``). Unknown names raise ValueError.
+    """
+    if effects is None:
+        return []
+    if isinstance(effects, str):
+        effects = [e for e in effects.replace("+", ",").split(",") if e.strip()]
+    items = [str(e).strip().lower() for e in effects]
+    chosen: set[str] = set()
+    removed: set[str] = set()
+    bad = []
+    for e in items:
+        if e in ("none", ""):
+            continue
+        if e == "all":
+            chosen.update(EFFECTS)
+        elif e in ("random", "randomise", "randomize"):
+            rng = _rng(int(seed), _STREAM_EFFECT_CHOICE)
+            chosen.update(name for name, u in zip(EFFECTS, rng.random(len(EFFECTS))) if u < 0.5)
+        elif e.startswith("-") and e[1:] in EFFECTS:
+            removed.add(e[1:])
+        elif e in EFFECTS:
+            chosen.add(e)
+        else:
+            bad.append(e)
+    if bad:
+        raise ValueError(f"unknown effects {bad}; choose from {', '.join(EFFECTS)} (or all, random, -NAME)")
+    return [e for e in EFFECTS if e in chosen and e not in removed]
+
+
+def _u(rng: np.random.Generator, rng_range: tuple[float, float]) -> float:
+    return float(rng.uniform(*rng_range))
+
+
+def _fx_texture(rng: np.random.Generator, bg: _Background) -> dict[str, Any]:
+    """Multiscale substrate texture (octaves of filtered noise), dense inclusions and pores."""
+    r = EFFECT_RANGES["texture"]
+    hh, ww = bg.shape
+    n_oct = int(rng.integers(r["octaves"][0], r["octaves"][1] + 1))
+    amp, falloff = _u(rng, r["amplitude"]), _u(rng, r["falloff"])
+    tex = np.zeros(bg.shape, np.float32)
+    for k in range(n_oct):
+        tex += (falloff**k) * _filtered_noise(rng, bg.shape, max(max(hh, ww) / 4.0 / 2**k, 0.7))
+    a_tot = bg.mu_sub * bg.l_sub
+    add = a_tot * amp * tex / max(float(tex.std()), 1e-6) * bg.sub_mask
+    kpx = hh * ww / 1000.0
+    n_inc = int(rng.poisson(_u(rng, r["inclusions_per_kpx"]) * kpx))
+    n_pore = int(rng.poisson(_u(rng, r["pores_per_kpx"]) * kpx))
+    for n, sign, lo, hi, rel in ((n_inc, 1.0, 0.7, 2.5, (2.0, 5.0)), (n_pore, -1.0, 0.8, 3.5, (1.0, 1.0))):
+        if n == 0:
+            continue
+        cx = rng.uniform(0, ww, n)
+        cy = rng.uniform(np.interp(cx, bg.x, bg.y_surf) + 2.0, hh)
+        rad = rng.uniform(lo, hi, n)
+        add += sign * _splat_spheres(bg.shape, cy, cx, rad, bg.mu_sub * rng.uniform(*rel, n)) * bg.sub_mask
+    bg.attenuation = np.maximum(bg.attenuation + add, 0.0).astype(np.float32)
+    return {"octaves": n_oct, "amplitude": amp, "falloff": falloff, "inclusions": n_inc, "pores": n_pore}
+
+
+def _fx_camera(name: str, rng: np.random.Generator, cams: dict[str, _Camera], seed: int) -> dict[str, Any]:
+    """Apply one detector effect to both cameras; returns its drawn parameters."""
+    r = EFFECT_RANGES[name]
+    out: dict[str, Any] = {}
+    for tag, cam in cams.items():  # "lr", then "hr"
+        if name == "saturation":
+            fill = _u(rng, r[f"fill_{tag}"])
+            cam.gain = float(fill * _ADU_MAX / cam.dose)
+            out[f"fill_{tag}"], out[f"gain_{tag}"] = fill, cam.gain
+        elif name == "psf":
+            cam.psf = _u(rng, r[f"sigma_{tag}"])
+            frac, sig = _u(rng, r["halo_fraction"]), _u(rng, r[f"halo_sigma_{tag}"])
+            cam.halo = (frac, sig)
+            out[f"sigma_{tag}"], out[f"halo_fraction_{tag}"], out[f"halo_sigma_{tag}"] = cam.psf, frac, sig
+        elif name == "read":
+            cam.read = float(_u(rng, r[f"read_photons_{tag}"]) * cam.gain)
+            cam.row_noise = float(_u(rng, r["row_fraction"]) * cam.read)
+            cam.row_rng = _rng(seed, _STREAM_ROW_NOISE + (0 if tag == "lr" else 1))
+            out[f"read_noise_{tag}"], out[f"row_noise_{tag}"] = cam.read, cam.row_noise
+        elif name == "fpn":
+            hh, ww = cam.shape
+            prnu, cg, rg, co = (_u(rng, r[k]) for k in ("prnu", "column_gain", "row_gain", "column_offset_adu"))
+            g = (1.0 + prnu * rng.standard_normal(cam.shape)) * (1.0 + cg * rng.standard_normal((1, ww)))
+            g = g * (1.0 + rg * rng.standard_normal((hh, 1)))
+            cam.pattern = (cam.pattern * g).astype(np.float32)
+            cam.dark = (cam.dark + co * rng.standard_normal((1, ww))).astype(np.float32)
+            out.update({f"prnu_{tag}": prnu, f"column_gain_{tag}": cg, f"row_gain_{tag}": rg,
+                        f"column_offset_{tag}": co})
+        elif name == "defects":
+            fh = float(_loguniform(rng, *r["hot_fraction_log"]))
+            fd = float(_loguniform(rng, *r["dead_fraction_log"]))
+            u = rng.random(cam.shape)
+            hot, dead = u < fh, (u >= fh) & (u < fh + fd)
+            if not hot.any():  # at least one of each, so the effect is always visible
+                hot.flat[int(rng.integers(hot.size))] = True
+            if not dead.any():
+                dead.flat[int(rng.integers(dead.size))] = True
+                dead &= ~hot
+            cam.dark = np.where(hot, np.float32(2.0 * _ADU_MAX), cam.dark).astype(np.float32)  # saturated
+            cam.dead = dead
+            cam.dead_level = 0.0
+            out.update({f"hot_fraction_{tag}": fh, f"dead_fraction_{tag}": fd, f"hot_pixels_{tag}": int(hot.sum()),
+                        f"dead_pixels_{tag}": int(dead.sum())})
+    return out
+
+
+class _Flicker:
+    """The beam times a per-frame intensity jitter, a ramp, short dips, and a drift of its centre."""
+
+    def __init__(self, beam: _Beam, rng: np.random.Generator, n_frames: int, shape: tuple[int, int]):
+        r = EFFECT_RANGES["flicker"]
+        self.beam, self.n = beam, max(int(n_frames), 1)
+        self.jitter, self.ramp = _u(rng, r["jitter"]), _u(rng, r["ramp"])
+        self.dip_rate = _u(rng, r["dip_rate"])
+        self.t0 = -256  # table covers the flats (negative times) and beyond the end
+        length = self.n + 512
+        table = 1.0 + self.jitter * rng.standard_normal(length)
+        dips = np.flatnonzero(rng.random(length) < self.dip_rate)
+        tt = np.arange(length, dtype=np.float64)
+        for i in dips:
+            depth, dur = _u(rng, r["dip_depth"]), float(rng.uniform(1.0, 5.0))
+            table *= 1.0 - depth * np.exp(-(((tt - i) / dur) ** 2))
+        self.table = table
+        self.n_dips = int(dips.size)
+        hh, ww = shape
+        self.drift = (_u(rng, r["centre_drift"]) * hh, _u(rng, r["centre_drift"]) * ww)
+        self.cx0, self.cy0 = beam.cx0, beam.cy0
+
+    def factor(self, t: float) -> float:
+        i = int(np.clip(round(t) - self.t0, 0, self.table.size - 1))
+        return float(self.table[i] * (1.0 + self.ramp * t / self.n))
+
+    def __call__(self, t: float) -> np.ndarray:
+        self.beam.cy0 = self.cy0 + self.drift[0] * t / self.n
+        self.beam.cx0 = self.cx0 + self.drift[1] * t / self.n
+        try:
+            out = self.beam(t)
+        finally:
+            self.beam.cy0, self.beam.cx0 = self.cy0, self.cx0
+        return (out * np.float32(self.factor(t))).astype(np.float32)
+
+    def params(self) -> dict[str, Any]:
+        return {"jitter": self.jitter, "ramp": self.ramp, "dip_rate": self.dip_rate, "dips": self.n_dips,
+                "centre_drift_px": list(self.drift)}
+
+
+def _fx_misreg(rng: np.random.Generator, lr_shape: tuple[int, int]) -> tuple[np.ndarray, dict[str, Any]]:
+    r = EFFECT_RANGES["misreg"]
+    shift = (_u(rng, r["shift_lr_px"]), _u(rng, r["shift_lr_px"]))
+    rot, sc = _u(rng, r["rotation_deg"]), _u(rng, r["scale"])
+    m = _lr_view_matrix(lr_shape, rot, sc, shift, False)
+    return m, {"shift_lr_px": list(shift), "rotation_deg": rot, "scale_factor": sc, "matrix": m.tolist()}
+
+
+# ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
 def _resolve_families(families: Any, rng: np.random.Generator) -> list[str]:
@@ -749,10 +1332,10 @@ def _resolve_families(families: Any, rng: np.random.Generator) -> list[str]:
     names = [str(f).strip().lower() for f in families]
     if not names:
         raise ValueError(f"families must name at least one of {FAMILIES}")
-    bad = [f for f in names if f not in FAMILIES]
+    bad = [f for f in names if f not in ALL_FAMILIES]
     if bad:
-        raise ValueError(f"unknown scene families {bad}; choose from {FAMILIES}")
-    moving = [f for f in MOVING_FAMILIES if f in names]  # canonical order, no duplicates
+        raise ValueError(f"unknown scene families {bad}; choose from {ALL_FAMILIES}")
+    moving = [f for f in ALL_MOVING_FAMILIES if f in names]  # canonical order, no duplicates
     return moving
 
 
@@ -768,6 +1351,7 @@ def _generate(
     lr_dose: float | None,
     hr_dose: float | None,
     dtype: Any,
+    effects: Any = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     n_frames, scale, stride = int(n_frames), int(scale), int(stride)
     offset, seed = int(offset), int(seed)
@@ -796,7 +1380,13 @@ def _generate(
     for name, dose in (("lr_dose", lr_dose), ("hr_dose", hr_dose)):
         if dose is not None and not (float(dose) > 0 and math.isfinite(float(dose))):
             raise ValueError(f"{name} must be a finite number > 0, got {dose}")
+    fx = resolve_effects(effects, seed)
+    fx_params: dict[str, Any] = {}
 
+    def fx_rng(name: str) -> np.random.Generator:  # one independent stream per effect
+        return _rng(seed, _STREAM_EFFECT0 + EFFECTS.index(name))
+
+    lr_given, hr_given = lr_dose is not None, hr_dose is not None
     choice = _rng(seed, _STREAM_CHOICE)
     names = _resolve_families(families, choice)
     speeds = {
@@ -805,12 +1395,18 @@ def _generate(
     }
     lr_dose = float(lr_dose) if lr_dose is not None else float(_loguniform(choice, *LR_DOSE_RANGE))
     hr_dose = float(hr_dose) if hr_dose is not None else float(_loguniform(choice, *HR_DOSE_RANGE))
+    if "dose" in fx:  # a wider range of doses (only where the caller gave none)
+        r, rr = fx_rng("dose"), EFFECT_RANGES["dose"]
+        lr_d, hr_d = float(_loguniform(r, *rr["lr_dose_log"])), float(_loguniform(r, *rr["hr_dose_log"]))
+        lr_dose, hr_dose = (lr_dose if lr_given else lr_d), (hr_dose if hr_given else hr_d)
+        fx_params["dose"] = {"lr_dose": lr_dose, "hr_dose": hr_dose}
 
     h, w = hh // scale, ww // scale
     bg = _Background(_rng(seed, _STREAM_BACKGROUND), (hh, ww))
+    if "texture" in fx:
+        fx_params["texture"] = _fx_texture(fx_rng("texture"), bg)
     movers = [
-        _FAMILY_CLASSES[f](_rng(seed, _STREAM_FAMILY0 + FAMILIES.index(f)), bg,
-                           speeds[f] * scale, n_frames)
+        _FAMILY_CLASSES[f](_rng(seed, _family_stream(f)), bg, speeds[f] * scale, n_frames)
         for f in names
     ]
     beam = _Beam(_rng(seed, _STREAM_BEAM), (hh, ww), n_frames)
@@ -822,6 +1418,20 @@ def _generate(
                      read=(5.0, 30.0), psf=(0.3, 0.6))
     n_dark_lr, n_white_lr, n_dark_hr, n_white_hr = (int(v) for v in cam_rng.integers(5, 11, 4))
     noise = _rng(seed, _STREAM_NOISE)
+    for name in ("saturation", "psf", "read", "fpn", "defects"):
+        if name in fx:
+            fx_params[name] = _fx_camera(name, fx_rng(name), {"lr": lr_cam, "hr": hr_cam}, seed)
+    if "flicker" in fx:
+        beam = _Flicker(beam, fx_rng("flicker"), n_frames, (hh, ww))
+        fx_params["flicker"] = beam.params()
+    if "misreg" in fx:  # residual misregistration: the LR camera sees the field through a small affine
+        m_view, fx_params["misreg"] = _fx_misreg(fx_rng("misreg"), (h, w))
+
+        def lr_view(e: np.ndarray) -> np.ndarray:
+            return _sample_view(e, m_view, (h, w), scale)
+    else:
+        def lr_view(e: np.ndarray) -> np.ndarray:
+            return _bin(e, scale)
 
     key_slot = {int(t): k for k, t in enumerate(hr_index)}
     lr = np.empty((n_frames, h, w), np.float32)
@@ -837,11 +1447,11 @@ def _generate(
         gt[t] = hr_cam.expected(exit_hr)
         if t in key_slot:
             hr[key_slot[t]] = hr_cam.record(exit_hr, noise)
-        lr[t] = lr_cam.record(_bin(exit_hr, scale), noise)
+        lr[t] = lr_cam.record(lr_view(exit_hr), noise)
 
-    def flats(cam: _Camera, n: int, binning: int) -> np.ndarray:
+    def flats(cam: _Camera, n: int, view: Any) -> np.ndarray:
         # recorded just before the sequence (negative times), without the sample
-        return np.stack([cam.record(_bin(beam(float(k - n - 5)), binning), noise)
+        return np.stack([cam.record(view(beam(float(k - n - 5))), noise)
                          for k in range(n)])
 
     arrays = {
@@ -850,10 +1460,10 @@ def _generate(
         "/exchange/hr_index": hr_index,
         "/exchange/data_dark_lr": _to_dtype(np.stack([lr_cam.dark_frame(noise)
                                                       for _ in range(n_dark_lr)]), dt),
-        "/exchange/data_white_lr": _to_dtype(flats(lr_cam, n_white_lr, scale), dt),
+        "/exchange/data_white_lr": _to_dtype(flats(lr_cam, n_white_lr, lr_view), dt),
         "/exchange/data_dark_hr": _to_dtype(np.stack([hr_cam.dark_frame(noise)
                                                       for _ in range(n_dark_hr)]), dt),
-        "/exchange/data_white_hr": _to_dtype(flats(hr_cam, n_white_hr, 1), dt),
+        "/exchange/data_white_hr": _to_dtype(flats(hr_cam, n_white_hr, lambda e: e), dt),
         "/exchange/data_gt": _to_dtype(gt, dt, integer=False),
     }
     params: dict[str, Any] = {
@@ -885,6 +1495,9 @@ def _generate(
         "phase_contrast": phase_c,
         "gt": "noise-free expected HR camera signal at every step, float32, units of data_hr",
     }
+    if fx:  # only with effects: the plain archives keep their metadata byte for byte
+        params["effects"] = fx
+        params["effect_params"] = fx_params
     return arrays, params
 
 
@@ -900,6 +1513,7 @@ def generate(
     lr_dose: float | None = None,
     hr_dose: float | None = None,
     dtype: str = "uint16",
+    effects: Sequence[str] | str | None = None,
 ) -> dict[str, np.ndarray]:
     """Render a synthetic two-camera recording; returns arrays keyed by their HDF5 path.
 
@@ -916,8 +1530,9 @@ def generate(
     seed:
         Seed of every random choice (non-negative int).
     families:
-        Moving scene families from :data:`FAMILIES` (a sequence, or a string separated by ``,``
-        or ``+``); ``static`` is always present. ``None`` draws 1-3 moving families.
+        Moving scene families from :data:`ALL_FAMILIES` (a sequence, or a string separated by ``,``
+        or ``+``); ``static`` is always present. ``None`` draws 1-3 moving families from
+        :data:`MOVING_FAMILIES` (never the opt-in :data:`EXTRA_FAMILIES`).
     speed:
         Characteristic image velocity, LR pixels per frame; ``None`` draws one per family.
     lr_dose, hr_dose:
@@ -925,6 +1540,11 @@ def generate(
         :data:`LR_DOSE_RANGE` and :data:`HR_DOSE_RANGE`.
     dtype:
         ``"uint16"`` (default), ``"uint8"`` or ``"float32"`` (see the module docstring).
+    effects:
+        Opt-in domain randomisation: names from :data:`EFFECTS` (a sequence or a string separated
+        by ``,`` or ``+``), ``"all"``, ``"random"`` (each with p = 1/2, by seed) and ``-NAME`` to
+        drop one; see :func:`resolve_effects` and "Domain randomisation" in the module docstring.
+        ``None`` (default) gives exactly the plain archive.
 
     Returns
     -------
@@ -934,7 +1554,7 @@ def generate(
         (N, H, W) float32: the noise-free expected HR signal at every step.
     """
     arrays, _ = _generate(n_frames, hr_shape, scale, stride, offset, seed, families, speed,
-                          lr_dose, hr_dose, dtype)
+                          lr_dose, hr_dose, dtype, effects)
     return arrays
 
 
@@ -992,16 +1612,17 @@ def synthesize(path: str | os.PathLike[str], **kwargs: Any) -> dict[str, Any]:
 
     Returns a summary: ``path``, ``seed``, ``families`` (with ``static``), ``speeds`` (LR px per
     frame, per moving family), ``lr_dose``, ``hr_dose``, ``dtype``, ``hr_index`` (list) and
-    ``shapes`` (dataset path -> shape).
+    ``shapes`` (dataset path -> shape); with effects also ``effects`` and ``effect_params``.
     """
     sig = dict(n_frames=200, hr_shape=(256, 256), scale=4, stride=20, offset=0, seed=0,
-               families=None, speed=None, lr_dose=None, hr_dose=None, dtype="uint16")
+               families=None, speed=None, lr_dose=None, hr_dose=None, dtype="uint16", effects=None)
     unknown = set(kwargs) - set(sig)
     if unknown:
         raise TypeError(f"synthesize() got unexpected keyword arguments {sorted(unknown)}")
     sig.update(kwargs)
     arrays, params = _generate(**sig)
     write_archive(path, arrays, params)
+    extra = {k: params[k] for k in ("effects", "effect_params") if k in params}
     return {
         "path": os.fspath(path),
         "seed": params["seed"],
@@ -1012,6 +1633,7 @@ def synthesize(path: str | os.PathLike[str], **kwargs: Any) -> dict[str, Any]:
         "dtype": params["dtype"],
         "hr_index": arrays["/exchange/hr_index"].tolist(),
         "shapes": {k: tuple(v.shape) for k, v in arrays.items()},
+        **extra,
     }
 
 
@@ -1113,8 +1735,7 @@ def two_cameras(
     lr_dose = float(_loguniform(choice, *LR_DOSE_RANGE))
     hr_dose = float(_loguniform(choice, *HR_DOSE_RANGE))
     bg = _Background(_rng(seed, _STREAM_BACKGROUND), (hh, ww))
-    movers = [_FAMILY_CLASSES[f](_rng(seed, _STREAM_FAMILY0 + FAMILIES.index(f)), bg, speeds[f] * scale, n_frames)
-              for f in names]
+    movers = [_FAMILY_CLASSES[f](_rng(seed, _family_stream(f)), bg, speeds[f] * scale, n_frames) for f in names]
     beam = _Beam(_rng(seed, _STREAM_BEAM), (hh, ww), n_frames)
     cam_rng = _rng(seed, _STREAM_CAMERA)
     phase_c = float(cam_rng.uniform(0.15, 0.4))

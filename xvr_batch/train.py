@@ -890,9 +890,25 @@ def _hardware(device: torch.device, world_size: int) -> dict[str, Any]:
 # ============================================================================ training
 
 
-def run_training(opts: TrainOptions, log: Callable[[str], None] = print) -> str:
+def run_training(opts: TrainOptions, log: Callable[[str], None] = print, *, samples: Any = None,
+                 validator: Any = None, meta_extra: Mapping[str, Any] | None = None) -> str:
     """Train (or fine-tune, or resume) as ``opts`` says; return the path of the checkpoint written last
-    (``opts.out``, or ``<out>.last.pt`` when ``stop_at`` ended the run early)."""
+    (``opts.out``, or ``<out>.last.pt`` when ``stop_at`` ended the run early).
+
+    Hooks for other sample sources (``xvr_batch.finetune``), all optional; without them nothing changes:
+
+    ``samples``
+        Replaces the dense-truth samples of ``opts.archives``. An object with ``infos`` (a list of
+        :class:`ArchiveInfo`, for the checks, the resume drift check and ``meta["data"]``) and
+        ``dataset(cfg, opts, rank, length)`` -> a map-style dataset with ``close()`` whose sample ``g`` is a
+        pure function of ``(opts.seed, rank, g)`` (exact resume). A sample may carry ``"slot"`` (a long
+        scalar): the loss then only reads that output slot, and ``"target"`` is ``(1, 1, H, W)``.
+    ``validator``
+        Replaces :class:`Validator` (rank 0 only): ``bool(validator)`` and
+        ``evaluate(model, device, autocast, batch) -> {"mean": float, "per_archive": {...}, "label": str}``.
+    ``meta_extra``
+        Merged into every checkpoint's ``meta``.
+    """
     _check_options(opts)
     dist_env = detect_dist_env()
     opts = _auto_resume(opts, log if dist_env.is_main else (lambda _msg: None))
@@ -905,7 +921,8 @@ def run_training(opts: TrainOptions, log: Callable[[str], None] = print) -> str:
         _init_process_group(dist_env, device)
     try:
         with _StopSignals() as stop:
-            return _train(opts, dist_env, device, log if dist_env.is_main else (lambda _msg: None), stop.flag)
+            return _train(opts, dist_env, device, log if dist_env.is_main else (lambda _msg: None), stop.flag,
+                          samples=samples, validator_hook=validator, meta_extra=meta_extra)
     finally:
         if distributed:
             import torch.distributed as dist
@@ -915,7 +932,8 @@ def run_training(opts: TrainOptions, log: Callable[[str], None] = print) -> str:
 
 
 def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Callable[[str], None],
-           stop_flag: Callable[[], bool] = lambda: False) -> str:
+           stop_flag: Callable[[], bool] = lambda: False, samples: Any = None, validator_hook: Any = None,
+           meta_extra: Mapping[str, Any] | None = None) -> str:
     import torch.distributed as dist
 
     distributed = dist_env.world_size > 1
@@ -974,7 +992,10 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
         log(f"resume: {opts.resume} at step {start_step}/{opts.steps}")
 
     # ---------------------------------------------------------------- data
-    infos = [_inspect_archive(p, "training", cfg.scale) for p in opts.archives]
+    if samples is None:
+        infos = [_inspect_archive(p, "training", cfg.scale) for p in opts.archives]
+    else:  # another sample source (xvr_batch.finetune): it checked its own archives
+        infos = list(samples.infos)
     val_infos = [_inspect_archive(p, "validation", cfg.scale) for p in opts.val_archives]
     small = [i for i in infos if min(i.lr_shape) < opts.crop]
     if small:
@@ -989,13 +1010,18 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
         _warn_resume_drift(resume_ckpt, opts, infos, log)
     per_rank = opts.batch // dist_env.world_size
     stop = opts.steps if opts.stop_at is None else min(opts.steps, opts.stop_at)
-    dataset = TrainSamples(infos, cfg.num_lr, cfg.head, opts.crop, cfg.scale, opts.seed, dist_env.rank,
-                           opts.key_jitter, opts.p_jitter, opts.dose_range, opts.p_noise, opts.flips,
-                           length=opts.steps * per_rank, p_motion=opts.p_motion, motion_tries=opts.motion_tries)
+    if samples is None:
+        dataset = TrainSamples(infos, cfg.num_lr, cfg.head, opts.crop, cfg.scale, opts.seed, dist_env.rank,
+                               opts.key_jitter, opts.p_jitter, opts.dose_range, opts.p_noise, opts.flips,
+                               length=opts.steps * per_rank, p_motion=opts.p_motion, motion_tries=opts.motion_tries)
+    else:
+        dataset = samples.dataset(cfg, opts, dist_env.rank, opts.steps * per_rank)
     loader = DataLoader(dataset, batch_sampler=_StepBatches(start_step, stop, per_rank),
                         num_workers=opts.num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, generator=torch.Generator().manual_seed(opts.seed))
     validator = Validator(val_infos, cfg, opts.val_crop, opts.val_windows) if (val_infos and dist_env.is_main) else None
+    if validator_hook is not None:
+        validator = validator_hook if dist_env.is_main else None
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"training {n_params / 1e6:.3f} M parameters ({cfg.embed_dim}-wide, depths {list(cfg.depths)}, "
@@ -1058,6 +1084,7 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
             "val_log": val_log, "loss_log": loss_log,
             "init": init_info, "resumed_from": resumed_from,
             "train_options": opts.to_dict(),
+            **dict(meta_extra or {}),
         }
 
     def gather_rng() -> dict[str, Any]:
@@ -1096,7 +1123,8 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
         last_val = res
         val_log.append([step, res["mean"]])
         per = ", ".join(f"{k} {v:.2f}" for k, v in res["per_archive"].items())
-        log(f"step {step}: validation PSNR (EMA, model space) {res['mean']:.3f} dB [{per}]")
+        label = res.get("label", "validation PSNR (EMA, model space)")
+        log(f"step {step}: {label} {res['mean']:.3f} dB [{per}]")
         return res
 
     # ---------------------------------------------------------------- loop
@@ -1108,6 +1136,10 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
                    file=sys.stderr, disable=None)  # None: no bar when stderr is not a terminal
         if log is print:  # keep log lines and the progress bar from overwriting each other
             log = lambda msg: tqdm.write(msg, file=sys.stdout)  # noqa: E731
+    # The eager attention index cache may hold a tensor made under inference_mode (a reconstruct earlier in this
+    # process); autograd cannot save such a tensor, so training starts from an empty cache.
+    from xvr_batch.model.swin_xvr import _relative_position_index
+    _relative_position_index.cache_clear()
     interval_sum, interval_n = 0.0, 0
     t_interval = time.time()
     step = start_step
@@ -1120,6 +1152,9 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
             target = batch["target"].to(device, non_blocking=True)
             with _autocast(device, use_bf16):
                 pred = train_model(lr_in, hr_in)
+            if "slot" in batch:  # one target slot per sample (a sample source such as xvr_batch.finetune)
+                slot = batch["slot"].to(device).reshape(-1)
+                pred = pred[torch.arange(pred.shape[0], device=device), slot][:, None]
             loss = F.l1_loss(pred.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

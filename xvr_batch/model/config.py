@@ -291,6 +291,10 @@ PRESETS: dict[str, ModelConfig] = {
     # Small model for CPUs and the shipped default weights: fast enough for the demo on 2 cores.
     "lite": ModelConfig(embed_dim=48, depths=(2, 2, 2), num_heads=(3, 3, 3), recon_dim=32, drop_path=0.1,
                         residual="key_mean"),
+    # Between lite and paper (E=96, 10 blocks in [2, 2, 4, 2], 1.6 M parameters): issue 13's candidate for a
+    # larger shipped weight set, chosen for quality per unit of cost.
+    "mid": ModelConfig(embed_dim=96, depths=(2, 2, 4, 2), num_heads=(3, 3, 3, 3), recon_dim=48, drop_path=0.1,
+                       residual="key_mean"),
     # Tiny model for tests.
     "tiny": ModelConfig(embed_dim=24, depths=(2,), num_heads=(3,), recon_dim=16, drop_path=0.0),
 }
