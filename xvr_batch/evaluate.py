@@ -755,26 +755,37 @@ def plot(
     ax.legend(loc="best", fontsize="small")
     ax.grid(alpha=0.3)
 
-    lo, hi = float(truth_img.min()), float(truth_img.max())
-    if not hi > lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    panels = [
-        ("lr_bicubic", "LR bicubic", base_imgs["lr_bicubic"]),
-        ("key_blend", "key-frame blend", base_imgs["key_blend"]),
-        (METHOD, "reconstruction", recon_img),
-        (None, "ground truth", truth_img),
-    ]
-    for j, (name, title, img) in enumerate(panels):
-        pax = fig.add_subplot(grid[1, j])
-        pax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+    titled = []
+    for name, title, img in (("lr_bicubic", "LR bicubic", base_imgs["lr_bicubic"]),
+                             ("key_blend", "key-frame blend", base_imgs["key_blend"]),
+                             (METHOD, "reconstruction", recon_img), (None, "ground truth", truth_img)):
         if name is not None:
             p = _fmt(as_float(result["methods"][name]["psnr"][i_show]), ".2f")
             s = _fmt(as_float(result["methods"][name]["ssim"][i_show]), ".3f")
             title += f"\nPSNR {p} dB, SSIM {s}"
         else:
             title += f"\nframe {t_show}"
+        titled.append((title, img))
+    image_row(fig, grid[1, :], titled, truth_img)
+    save_plot(fig, out_png)
+
+
+def image_row(fig, cells, panels: Sequence[tuple[str, np.ndarray]], reference: np.ndarray) -> None:
+    """Draw ``panels`` ((title, image), ...) side by side in the gridspec row ``cells``, in grey on one scale:
+    the range of ``reference`` (the truth), widened by ±0.5 when it is flat."""
+    lo, hi = float(reference.min()), float(reference.max())
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    sub = cells.subgridspec(1, len(panels))
+    for j, (title, img) in enumerate(panels):
+        pax = fig.add_subplot(sub[0, j])
+        pax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
         pax.set_title(title, fontsize="medium")
         pax.set_axis_off()
+
+
+def save_plot(fig, out_png: str | os.PathLike[str]) -> None:
+    """Write ``fig`` as a PNG; an unwritable path is the user's one-line error."""
     try:
         fig.savefig(os.fspath(out_png), dpi=100)
     except OSError as err:

@@ -1136,10 +1136,6 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
                    file=sys.stderr, disable=None)  # None: no bar when stderr is not a terminal
         if log is print:  # keep log lines and the progress bar from overwriting each other
             log = lambda msg: tqdm.write(msg, file=sys.stdout)  # noqa: E731
-    # The eager attention index cache may hold a tensor made under inference_mode (a reconstruct earlier in this
-    # process); autograd cannot save such a tensor, so training starts from an empty cache.
-    from xvr_batch.model.swin_xvr import _relative_position_index
-    _relative_position_index.cache_clear()
     interval_sum, interval_n = 0.0, 0
     t_interval = time.time()
     step = start_step

@@ -55,7 +55,7 @@ import torch
 from xvr_batch.errors import UserError
 from xvr_batch.evaluate import (
     BEST_BASELINE, DATA_RANGE, METHOD, _Baselines, _diff, _fmt, _frame_range, _jsonable, _mean, _psnr,
-    _ssim, _upsample, as_float,
+    _ssim, _upsample, as_float, image_row, save_plot,
 )
 from xvr_batch.io.archive import Archive, ArchivePaths
 from xvr_batch.normalise import Calibration, fit_normalisation
@@ -432,24 +432,16 @@ def plot(result: Mapping[str, Any], out_png: str | os.PathLike[str]) -> None:
     if images and rows:
         show = max(rows, key=lambda r: _diff(as_float(r[METHOD]["psnr"]), as_float(r["key_blend"]["psnr"])))
         imgs = images[show["key"]]
-        truth = imgs["truth"]
-        lo, hi = float(truth.min()), float(truth.max())
-        if not hi > lo:
-            lo, hi = lo - 0.5, hi + 0.5
-        for j, (name, title) in enumerate((("key_blend", "key-frame blend"), ("lr_bicubic", "LR bicubic"),
-                                           (METHOD, "reconstruction"), ("truth", "real key frame"))):
-            pax = fig.add_subplot(grid[1, j])
-            pax.imshow(imgs[name], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        titled = []
+        for name, title in (("key_blend", "key-frame blend"), ("lr_bicubic", "LR bicubic"),
+                            (METHOD, "reconstruction"), ("truth", "real key frame")):
             if name != "truth":
                 title += f"\nPSNR {_fmt(as_float(show[name]['psnr']), '.2f')} dB"
             else:
                 title += f"\nkey {show['key']}, frame {show['frame']}"
-            pax.set_title(title, fontsize="medium")
-            pax.set_axis_off()
-    try:
-        fig.savefig(os.fspath(out_png), dpi=100)
-    except OSError as err:
-        raise UserError(f"{out_png}: cannot write the plot ({err})") from err
+            titled.append((title, imgs[name]))
+        image_row(fig, grid[1, :], titled, imgs["truth"])
+    save_plot(fig, out_png)
 
 def public(result: Mapping[str, Any]) -> dict[str, Any]:
     """``result`` without the images (what ``--json`` prints)."""

@@ -99,8 +99,11 @@ def _rel_index(window: tuple[int, int, int], device=None) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def _relative_position_index(window: tuple[int, int, int]) -> torch.Tensor:
-    """Cached CPU copy of :func:`_rel_index` (eager use only)."""
-    return _rel_index(window)
+    """Cached CPU copy of :func:`_rel_index` (eager use only). Built outside inference mode: the first call may
+    come from a reconstruct (under ``torch.inference_mode``), and autograd cannot save an inference tensor when
+    the same process trains later (``finetune`` after ``validate``)."""
+    with torch.inference_mode(False):
+        return _rel_index(window)
 
 
 class Geometry(NamedTuple):
