@@ -5,7 +5,9 @@
 
 1. A two-camera experiment (`xvr_batch.synth.two_cameras`: HR 128x160, 121 frames, a key every 10): the LR
    camera is rotated, scaled and shifted against the HR one, so `assemble` writes a registered archive
-   and `reconstruct` resamples every LR frame. The shipped weights were trained on aligned cameras only.
+   and `reconstruct` works in the LR camera's frame. The shipped weights were trained on aligned cameras
+   only. With ``--effects``, a one-camera archive with those synth effects (which the shipped weights never
+   saw) instead.
 2. `assemble` it, `reconstruct` with the base (default) weights and score against the dense truth
    (`DIR/cams/truth.h5`, `evaluate(..., frames="all")`).
 3. `finetune` on the archive's own key frames (no dense truth), then `reconstruct --weights` and score again.
@@ -39,6 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default=None, help="work folder [a new temp folder]")
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--families", default=None, help="scene families, comma separated [the seed's]")
+    p.add_argument("--effects", default=None,
+                   help="detector/scene effects of synth (comma separated) for a one-camera archive instead of "
+                        "the two-camera pair, e.g. psf or fpn,psf [two cameras, no effects]")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=None, help="[finetune's default]")
     p.add_argument("--batch", type=int, default=None, help="[finetune's default]")
@@ -57,7 +62,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     cams = d / "cams"
     arc = d / "arc.h5"
-    if not arc.exists():
+    truth_path = cams / "truth.h5"
+    if a.effects:
+        truth_path = arc  # the one-camera archive holds its own dense truth (read by evaluate only)
+        if not arc.exists():
+            synth.synthesize(arc, n_frames=121, hr_shape=(128, 160), stride=10, offset=3, seed=a.seed,
+                             families=a.families, effects=a.effects.split(","))
+    elif not arc.exists():
         truth = synth.two_cameras(cams, n_frames=121, hr_shape=(128, 160), stride=10, offset=3, seed=a.seed,
                                   families=a.families)
         f = truth["files"]
@@ -67,7 +78,7 @@ def main(argv=None) -> int:
     base_out = d / "base.h5"
     if not base_out.exists():
         _cli("reconstruct", arc, "-o", base_out, "-q", "--device", "cpu")
-    dense_before = evaluate(base_out, cams / "truth.h5", frames="all")
+    dense_before = evaluate(base_out, truth_path, frames="all")
     t_data = time.time() - t0
 
     weights = d / f"ft_s{a.steps}.pt"
@@ -80,14 +91,14 @@ def main(argv=None) -> int:
     if ft_out.exists():
         ft_out.unlink()
     _cli("reconstruct", arc, "-o", ft_out, "-q", "--device", "cpu", "--weights", weights)
-    dense_after = evaluate(ft_out, cams / "truth.h5", frames="all")
+    dense_after = evaluate(ft_out, truth_path, frames="all")
 
     def m(r, name="swin_xvr"):
         return float(r["methods"][name]["mean_psnr"])
 
     before, after = res["before"], res["after"]
     numbers = {
-        "seed": a.seed, "families": a.families, "steps": a.steps, "options": kw, "finetune_s": round(t_ft, 1),
+        "seed": a.seed, "families": a.families, "effects": a.effects, "steps": a.steps, "options": kw, "finetune_s": round(t_ft, 1),
         "data_s": round(t_data, 1), "holdout_keys": res["holdout_keys"],
         "dense_psnr_base": m(dense_before), "dense_psnr_finetuned": m(dense_after),
         "dense_gain_db": m(dense_after) - m(dense_before),

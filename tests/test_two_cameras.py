@@ -203,8 +203,8 @@ def test_registered_reconstruction_quality(run_cli, tmp_path, cams):
         assert r.code == 0, r.err
         psnr[name] = evaluate(out, d / "truth.h5", frames="all")["methods"]["swin_xvr"]["mean_psnr"]
     print(psnr)
-    # target 0.5 dB, NOT met yet: measured 0.77 dB at this size (resampling, and the 5% outside the LR field)
-    assert psnr["aligned"] - psnr["registered"] < 1.0, psnr
+    # measured 0.35 dB (reconstructing in the LR camera's frame; resampling the LR frames instead lost 0.77 dB)
+    assert psnr["aligned"] - psnr["registered"] < 0.5, psnr
     assert psnr["registered"] - psnr["none"] > 5.0, psnr
     with h5py.File(tmp_path / "registered.h5") as f:
         assert "registration" in f["/process/xvr_batch"].attrs.get("settings", "") or \

@@ -197,6 +197,11 @@ from xvr_batch.backends import BACKENDS, backend_options  # noqa: E402  (the bac
                                                  "none"]), default="bitshuffle", show_default=True,
               help="Output codec, also of the parts (through hdf5plugin; recorded in the file). bitshuffle "
                    "(lz4) was the fastest and compressed best of the fast ones (benchmarks/RESULTS.md).")
+@click.option("--layout", type=click.Choice(["single", "virtual"]), default="single", show_default=True,
+              help="single: stitch the parts into one self-contained file (one read and write of every byte). "
+                   "virtual: move the parts to OUTPUT.parts/ and write OUTPUT as an HDF5 virtual dataset over them "
+                   "(seconds, metadata only); keep the folder beside the file, and run `xvr-batch compact` "
+                   "later for the single file.")
 @click.option("--compile/--no-compile", "compile", default=False, show_default=True,
               help="torch.compile the model: one graph, Inductor default mode, deterministic (no autotuning); "
                    "the first batch of each shape compiles (about a minute).")
@@ -354,6 +359,32 @@ def resume_cmd(workdir, backend_override, quiet):
     _echo_err(f"resuming {wd.path} on --backend {backend}")
     command = job.get("command") if isinstance(job.get("command"), list) else None
     _finish_run(run(opts, engine, command=command, config=config, progress=not quiet, log=_echo_err))
+
+
+# ---------------------------------------------------------------------------------------- compact
+
+@command("compact")
+@click.argument("recon", type=click.Path())
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the single file here and leave RECON and its parts as they are "
+                   "[replace RECON in place, then remove its parts folder].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def compact_cmd(recon, output, overwrite, quiet):
+    """Turn RECON, written by `reconstruct --layout virtual` (a virtual dataset over RECON.parts/), into one
+    self-contained file: the stored chunks are copied without decoding, at about disk speed, and every part is
+    checked against the sha256 recorded in RECON. The result has the same bytes as `reconstruct` with the
+    default --layout single writes for that run.
+
+    \b
+    xvr-batch compact run042_hr.h5                    # in place; removes run042_hr.h5.parts
+    xvr-batch compact run042_hr.h5 -o final.h5        # keeps run042_hr.h5 and its parts
+
+    A file that is not a virtual output, or a missing or corrupt part, is refused (exit 2); nothing is
+    written under the final name until the copy is complete.
+    """
+    from xvr_batch.io.vds import compact
+    click.echo(str(compact(recon, output, progress=not quiet, overwrite=overwrite)))
 
 
 # ---------------------------------------------------------------------------------------- synth

@@ -8,8 +8,9 @@ Metric
         chi_t = rms_t / sigma                  stored, dimensionless
 
     ``LR_t`` is the LR frame exactly as the model saw it (flat-fielded, mapped by the fitted LR->HR gain; with a
-    registration applied, resampled onto the HR/s grid, and only the pixels the LR field covers count:
-    ``Registration.outside`` is excluded, those were filled from the key frames).
+    registration applied, the model works in the LR camera's frame, and only the LR pixels whose footprint the HR
+    camera sees count: ``RegisteredArchive.lr_inside``; the reconstruction there is binned before it is resampled
+    back onto the HR camera's pixels).
 
     ``sigma`` is fitted once per archive at plan time (:func:`fit_baseline`, kept in the manifest): the median,
     over up to 32 key frames, of the same RMS with the *measured* HR key frame in place of the reconstruction,
@@ -76,8 +77,7 @@ def _block_mean(x: np.ndarray, f: int) -> np.ndarray:
 def fit_baseline(archive, calib, threshold: float = DEFAULT_THRESHOLD) -> dict:
     """``{"sigma", "n_keys", "threshold", "scale"}``: the residual of measured HR key frames against their LR
     frames (see the module docstring). ``archive`` is the (registered) archive the units read."""
-    reg = getattr(archive, "registration_applied", None)
-    inside = None if reg is None else ~np.asarray(reg.outside)
+    inside = getattr(archive, "lr_inside", None)
     k_all = len(archive.hr_index)
     picks = sorted({int(round(i)) for i in np.linspace(0, k_all - 1, min(k_all, MAX_BASELINE_KEYS))})
     s = int(archive.scale)
@@ -87,7 +87,7 @@ def fit_baseline(archive, calib, threshold: float = DEFAULT_THRESHOLD) -> dict:
         lr = calib.lr_to_model(archive.read_lr_at([int(archive.hr_index[k])]))[0].astype(np.float64)
         d = _block_mean(hr, s) - lr
         if inside is not None:
-            d = d[inside]
+            d = d[np.asarray(inside)]
         if d.size:
             rms.append(float(np.sqrt(np.mean(d * d))))
     sigma = float(np.median(rms)) if rms else float("nan")

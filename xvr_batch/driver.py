@@ -62,7 +62,7 @@ def reconstruct(opts: Options, backend: Backend | None = None, command: list[str
                 log(f"stopped on request; {wd_path} holds the finished units; run the same command "
                     f"(or `xvr-batch resume {wd_path}`) to resume")
                 return None
-            return finalise(job, log=log, progress=progress, overwrite=opts.overwrite)
+            return finalise(job, log=log, progress=progress, overwrite=opts.overwrite, layout=opts.layout)
     finally:
         if job is not None:
             job.close()

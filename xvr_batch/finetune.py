@@ -8,15 +8,14 @@ Samples
 The target is a real HR key frame ``k``. The inputs are the NL LR frames of a window that holds ``k``'s
 time, at a random position in the window (head ``all``; loss only on that output slot), and the
 bracketing keys ``k - j`` and ``k + j``, with ``1 <= j <= max_gap`` random where both exist. The samples
-are read exactly as :mod:`xvr_batch.validate` reads them: the same registration, intensity mapping and
-fill outside the LR field, and that fill never uses key ``k`` or a held-out key. On top come train's
+are read exactly as :mod:`xvr_batch.validate` reads them: the same registration (on a registered archive,
+in the LR camera's frame, targets included) and intensity mapping; no input uses key ``k`` or a held-out key. On top come train's
 aligned random crops (``crop`` LR pixels), flips and transposes, and its motion sampling (``p_motion``:
 the most moving of ``motion_tries`` crops). No extra noise is added: the archive carries its own.
 
 Held-out keys
 -------------
-Every ``holdout``-th interior key (at least one) is held out: never a target, never an input key, never
-used for the fill. ``validate`` on those keys runs before (base weights) and after (the fine-tuned EMA
+Every ``holdout``-th interior key (at least one) is held out: never a target, never an input key. ``validate`` on those keys runs before (base weights) and after (the fine-tuned EMA
 weights), and both results go into the checkpoint's ``meta["finetune"]``.
 
 Training
@@ -314,7 +313,7 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print) -> d
         spacing = int(round(float(np.median(np.diff(keys)))))
         info = ArchiveInfo(path=ctx.path, name=os.path.basename(ctx.path), n_frames=int(ctx.raw.n_frames),
                            lr_shape=tuple(int(x) for x in ctx.raw.lr_shape),
-                           hr_shape=tuple(int(x) for x in ctx.raw.hr_shape), hr_index=keys, spacing=max(1, spacing),
+                           hr_shape=tuple(int(x) for x in ctx.archive.hr_shape), hr_index=keys, spacing=max(1, spacing),
                            norm=ctx.norm.to_dict(), fingerprint=ctx.fingerprint)
         topts = TrainOptions(
             archives=[ctx.path], out=out, init=base_path, head=cfg.head, steps=opts.steps, batch=opts.batch,

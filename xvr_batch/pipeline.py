@@ -73,6 +73,13 @@ class Options:
     registration: str = "auto"  # auto | none | FILE.json (xvr_batch.registration)
     attention: str = "sdpa"  # sdpa | flex (xvr_batch.model.attention)
     compile: bool = False
+    #: single | virtual (xvr_batch.io.vds): how finalise writes the output; not in output_affecting (the frames
+    #: are the same), and `xvr-batch compact` turns a virtual output into the single file later
+    layout: str = "single"
+
+    def __post_init__(self) -> None:
+        from xvr_batch.io.vds import check_layout
+        check_layout(self.layout)
 
     def archive_paths(self) -> ArchivePaths:
         base = ArchivePaths()
@@ -234,6 +241,10 @@ def check_output_target(opts: Options) -> None:
         raise UserError(f"{out}: output already exists; pass --overwrite to replace it or choose another -o")
     if Path(opts.archive).resolve() == out.resolve():
         raise UserError(f"{out}: the output would overwrite the input archive; choose another -o")
+    parts = Path(str(out) + ".parts")
+    if getattr(opts, "layout", "single") == "virtual" and parts.exists() and not opts.overwrite:
+        raise UserError(f"{parts}: the parts folder of an earlier virtual output is in the way; pass --overwrite "
+                        "or choose another -o")
 
 
 def _describe_change(old: dict, new: dict) -> str:
@@ -410,8 +421,14 @@ class UnitRunner:
         if job.threads:
             torch.set_num_threads(job.threads)
         from xvr_batch.registration import registered
-        self.archive = registered(job.archive_handle(), job.settings)  # LR resampled onto the HR/s grid
+        # registered: the model works in the LR camera's frame (HR keys resampled into it), and each output
+        # frame is resampled back onto the HR camera's pixels on the device (xvr_batch.registration)
+        self.archive = registered(job.archive_handle(), job.settings)
         self.calib = Calibration(self.archive, Normalisation.from_dict(job.normalisation))
+        #: counts of the output frames, in the HR camera's frame (its own darks and flats)
+        self.calib_out = (self.calib if self.archive is job.archive_handle() else
+                          Calibration(job.archive_handle(), Normalisation.from_dict(job.normalisation)))
+        self._to_hr = getattr(self.archive, "to_hr", None)
         self.plan = job.plan()
         self.weights = ResolvedWeights.from_dict(job.weights)
         self.model = self.weights.load().to(self.device).eval()
@@ -449,10 +466,13 @@ class UnitRunner:
         base = check_consistency_record(job.consistency) or {}
         self._cons_sigma = base.get("sigma")
         self._cons_threshold = base.get("threshold")
-        reg = getattr(self.archive, "registration_applied", None)
-        inside = None if reg is None or not np.asarray(reg.outside).any() else ~np.asarray(reg.outside)
-        self._cons_inside = (None if inside is None else
-                             torch.from_numpy(inside.astype(np.float32)).to(self.device))
+        inside = getattr(self.archive, "lr_inside", None)
+        self._cons_inside = (None if inside is None or np.asarray(inside).all() else
+                             torch.from_numpy(np.asarray(inside, np.float32)).to(self.device))
+        # registered: HR pixels the LR field does not cover take the key-frame blend
+        self._fill = (None if self._to_hr is None or self._to_hr.inside.all() else
+                      torch.from_numpy(~self._to_hr.inside).to(self.device))
+        self._hr_index = [int(v) for v in job.plan_args["hr_index"]]
         self._cons_slots = list(range(self.cfg.num_lr)) if self.cfg.head == "all" else [self.cfg.num_lr // 2]
 
     def _add(self, stage: str, seconds: float) -> None:
@@ -480,17 +500,18 @@ class UnitRunner:
         frames = sorted({f for w in wins for f in w.frames})
         pos = {f: i for i, f in enumerate(frames)}
         lr_all = self.calib.lr_to_model(self.archive.read_lr_at(frames))
-        if getattr(self.archive, "registration_applied", None) is not None:  # LR field does not cover the grid
-            from xvr_batch.registration import fill_outside
-            lr_all = fill_outside(self.archive, frames, lr_all, self.calib)
         lr = np.stack([lr_all[[pos[f] for f in w.frames]] for w in wins])  # B, NL, h, w
-        hr = {}
+        hr = {}  # key number -> model-space key frame (in the model's frame); ("native", k) -> the HR camera's
         for k in sorted({k for w in wins for k in w.keys}):
             if k not in hr_cache:
                 hr_cache[k] = self.calib.hr_to_model(self.archive.read_hr(k))
-                while len(hr_cache) > self._key_cap:
+                if self._fill is not None:
+                    hr_cache[("native", k)] = self.calib_out.hr_to_model(self.archive.read_hr_native(k))
+                while len(hr_cache) > self._key_cap * (1 if self._fill is None else 2):
                     hr_cache.popitem(last=False)
             hr[k] = hr_cache[k]
+            if self._fill is not None:
+                hr[("native", k)] = hr_cache[("native", k)]
         return b, wins, lr, hr
 
     def _prefetch(self, b0: int, b1: int) -> Iterator[tuple]:
@@ -595,7 +616,43 @@ class UnitRunner:
         return host.numpy()
 
     def _compute_dev(self, wins, lr_dev: tuple, hr: dict) -> torch.Tensor:
-        """The model on one staged batch (see :meth:`_to_device`) -> (B, n_out, H, W) float32 on the device."""
+        """The model on one staged batch, in the output's frame (see :meth:`_output_frame`)."""
+        return self._output_frame(self._model_dev(wins, lr_dev, hr), wins, hr)
+
+    def _output_frame(self, out: torch.Tensor, wins, hr: dict) -> torch.Tensor:
+        """Model-frame output (B, n_out, s h, s w) -> the HR camera's frame (B, n_out, H, W): itself, or with a
+        registration resampled (cubic B-spline) and, where the LR field does not reach, the time-weighted
+        blend of the window's two key frames (model space, the HR camera's own frames)."""
+        if self._to_hr is None:
+            return out
+        with torch.inference_mode():
+            res = self._to_hr(out)
+            if self._fill is None:
+                return res
+            fill = torch.zeros_like(res)
+            for i, w_ in enumerate(wins):
+                k0, k1 = w_.keys
+                t0, t1 = self._hr_index[k0], self._hr_index[k1]
+                a, b = self._key_native(k0, hr), self._key_native(k1, hr)
+                for t, slot in w_.emit:
+                    j = slot if self.cfg.head == "all" else 0
+                    wt = 0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0)))
+                    fill[i, j] = a * (1.0 - wt) + b * wt
+            return torch.where(self._fill, fill, res)
+
+    def _key_native(self, k: int, hr: dict) -> torch.Tensor:
+        """(H, W) key ``k`` in model space in the HR camera's frame, on the device (cached)."""
+        key = ("native", k)
+        img = self._keys.get(key)
+        if img is None:
+            img = self._keys[key] = torch.from_numpy(np.ascontiguousarray(hr[key])).to(self.device)
+        else:
+            self._keys.move_to_end(key)
+        return img
+
+    def _model_dev(self, wins, lr_dev: tuple, hr: dict) -> torch.Tensor:
+        """The model on one staged batch (see :meth:`_to_device`) -> (B, n_out, s h, s w) float32 on the device,
+        in the model's frame (the LR camera's, upsampled)."""
         lr_in, ready = lr_dev
         if ready is not None:
             torch.cuda.current_stream(self.device).wait_event(ready)
@@ -638,7 +695,7 @@ class UnitRunner:
     # ---------------------------------------------------------------- one unit
     def _to_counts(self, frame: np.ndarray) -> np.ndarray:
         """A model-space output frame in HR camera counts, in the output dtype (codec threads)."""
-        hr_units = self.calib.model_to_hr(frame)  # a new float32 array: rounded and clipped in place
+        hr_units = self.calib_out.model_to_hr(frame)  # a new float32 array: rounded and clipped in place
         if self.dtype == np.uint16:
             np.rint(hr_units, out=hr_units)
             np.clip(hr_units, 0, 65535, out=hr_units)
@@ -657,7 +714,7 @@ class UnitRunner:
 
         wd = self.job.workdir_obj()
         path = wd.part_path(unit.id)
-        hh, ww = self.archive.hr_shape
+        hh, ww = self.job.hr_shape
         t_unit = time.perf_counter()
         try:
             part = StreamingPart(path, unit.start, unit.stop - unit.start, (hh, ww), self.dtype,
@@ -735,11 +792,11 @@ class UnitRunner:
                 while nxt is not None and not errors:
                     b, wins, lr_dev, hr = nxt
                     t0 = time.perf_counter()
-                    out = self._compute_dev(wins, lr_dev, hr)
-                    host, ev = self._to_host(out)
+                    out_m = self._model_dev(wins, lr_dev, hr)
+                    host, ev = self._to_host(self._output_frame(out_m, wins, hr))
                     self._add("compute", time.perf_counter() - t0)
                     t1 = time.perf_counter()
-                    c_dev = self._consistency_dev(lr_dev, out)
+                    c_dev = self._consistency_dev(lr_dev, out_m)
                     chost, cev = (None, None) if c_dev is None else self._to_host(c_dev)
                     self._add("consistency", time.perf_counter() - t1)
                     nxt = stage()  # on CUDA: the next batch's copy runs while this one computes
@@ -789,18 +846,23 @@ def disk_error(exc: OSError, path: Path | str) -> Exception:
 
 
 def finalise(job: Job, log: Callable[[str], None] = lambda s: None, progress: bool = False,
-             overwrite: bool = False) -> str:
+             overwrite: bool = False, layout: str | None = None) -> str:
     """Stitch the verified parts into the output (temporary name, then rename). Returns the path.
 
-    The rename never replaces a file that appeared meanwhile unless ``overwrite``."""
+    The rename never replaces a file that appeared meanwhile unless ``overwrite``. ``layout`` (default: the
+    run's ``--layout``, :func:`xvr_batch.io.vds.run_layout`): ``single`` stitches one file; ``virtual`` moves
+    the parts to ``OUTPUT.parts/`` and writes a virtual dataset over them (:mod:`xvr_batch.io.vds`). The
+    process record leaves ``--layout`` out in both, so ``xvr-batch compact`` gives the single file's bytes."""
     from xvr_batch.io.parts import known_sha256
+    from xvr_batch.io.vds import record_without_layout, run_layout, write_virtual_output
 
+    layout = run_layout(job, layout)
     wd = job.workdir_obj()
     plan = job.plan()
     # Journal and plan checks here; the sha256 of each part is checked by the stitch on the one read it does
     # of the part, unless this process committed or verified that very file (unchanged) already.
     done = wd.completed_units(verify=False)
-    parts, shas, missing = [], [], []
+    parts, shas, recorded, missing = [], [], [], []
     for u in plan.units:
         rec = done.get(u.id)
         path = wd.resolve_part(rec["part"]) if rec else None
@@ -809,12 +871,14 @@ def finalise(job: Job, log: Callable[[str], None] = lambda s: None, progress: bo
             continue
         parts.append(path)
         shas.append(None if known_sha256(path) == rec["sha256"] else rec["sha256"])
+        recorded.append(rec["sha256"])
     if missing:
         raise UserError(f"{wd.path}: {len(missing)} units are not finished (first: {missing[:5]}); "
                         f"run `xvr-batch resume {wd.path}`")
     plan_dict = plan.to_dict()
+    command, config = record_without_layout(job.command, job.config)
     process = {
-        "version": __version__, "command_line": job.command, "config": job.config,
+        "version": __version__, "command_line": command, "config": config,
         "settings": job.settings, "weights": job.weights, "weights_sha256": job.weights["sha256"],
         "input": {"path": job.archive, "fingerprint": job.fingerprint, "paths": job.paths,
                   "hr_stride": job.hr_stride, "hr_offset": job.hr_offset},
@@ -825,12 +889,19 @@ def finalise(job: Job, log: Callable[[str], None] = lambda s: None, progress: bo
         process["lr_consistency"] = baseline
     shape = (plan.n_frames, *job.hr_shape)
     try:
-        stitch_output(job.output, parts, shape, np.dtype(job.settings["dtype"]), job.compression,
-                      np.asarray(job.plan_args["hr_index"]), process, progress=progress, overwrite=overwrite,
-                      part_sha256=shas, consistency=baseline)
+        if layout == "virtual":
+            write_virtual_output(job.output, parts, shape, np.dtype(job.settings["dtype"]), job.compression,
+                                 np.asarray(job.plan_args["hr_index"]), process, baseline, overwrite,
+                                 part_sha256=recorded, verified=[s is None for s in shas],
+                                 keep_sources=job.keep_workdir)
+        else:
+            stitch_output(job.output, parts, shape, np.dtype(job.settings["dtype"]), job.compression,
+                          np.asarray(job.plan_args["hr_index"]), process, progress=progress, overwrite=overwrite,
+                          part_sha256=shas, consistency=baseline)
     except OSError as exc:
         raise disk_error(exc, Path(job.output)) from exc
-    log(f"wrote {job.output}")
+    log(f"wrote {job.output}" + (f" (a virtual dataset over the parts in {job.output}.parts)"
+                                 if layout == "virtual" else ""))
     if not job.keep_workdir:
         shutil.rmtree(wd.path, ignore_errors=True)
     return job.output

@@ -19,9 +19,9 @@ This costs one extra model call per key. Everything else is what ``reconstruct``
 - the same registration (``--registration``, :func:`xvr_batch.registration.resolve` / ``registered``);
 - the same intensity mapping, fitted on the registered archive as ``prepare`` fits it;
 - the same key features and key-mean residual base (as ``UnitRunner._compute_dev`` builds them);
-- on registered archives, the same fill of the grid pixels the LR field does not cover. The fill comes
-  from the key-frame blend of an archive view *without* key ``k`` (:class:`KeySubset`), so the hidden key
-  never leaks into the input.
+- on registered archives, the same frame: the model works in the LR camera's frame, where the HR key
+  frames are resampled (``RegisteredArchive``); the hidden key is scored there too, resampled the same way,
+  on the largest rectangle of that frame which the HR camera sees (:func:`seen_rectangle`).
 
 How it is scored
 ----------------
@@ -61,8 +61,8 @@ from xvr_batch.io.archive import Archive, ArchivePaths
 from xvr_batch.normalise import Calibration, fit_normalisation
 from xvr_batch.plan import reflect
 
-__all__ = ["validate_archive", "ValidationContext", "KeySubset", "KeyInputs", "interior_keys", "key_window",
-           "format_table", "plot", "METHODS"]
+__all__ = ["validate_archive", "ValidationContext", "KeySubset", "KeyInputs", "seen_rectangle", "interior_keys",
+           "key_window", "format_table", "plot", "METHODS"]
 
 #: Methods in the result, in table order.
 METHODS: tuple[str, ...] = (METHOD, "key_blend", "lr_bicubic", BEST_BASELINE)
@@ -116,6 +116,28 @@ class KeyInputs:
     keys: np.ndarray
     slot: int
 
+def seen_rectangle(inside: np.ndarray) -> tuple[slice, slice]:
+    """The rows and columns of a large rectangle that lies wholly in the boolean mask ``inside`` (greedy:
+    drop the edge row or column with the most pixels outside until none is left)."""
+    m = np.asarray(inside, bool)
+    r0, r1, c0, c1 = 0, m.shape[0], 0, m.shape[1]
+    while r1 - r0 > 1 and c1 - c0 > 1:
+        sub = m[r0:r1, c0:c1]
+        if sub.all():
+            break
+        bad = [(~sub[0]).sum(), (~sub[-1]).sum(), (~sub[:, 0]).sum(), (~sub[:, -1]).sum()]
+        side = int(np.argmax(bad))
+        if side == 0:
+            r0 += 1
+        elif side == 1:
+            r1 -= 1
+        elif side == 2:
+            c0 += 1
+        else:
+            c1 -= 1
+    return slice(r0, r1), slice(c0, c1)
+
+
 class ValidationContext:
     """An open archive with the registration, normalisation and calibration ``reconstruct`` would use.
 
@@ -152,6 +174,9 @@ class ValidationContext:
             self.norm = fit_normalisation(self.archive) if norm is None else Normalisation.from_dict(dict(norm))
             self.calib = Calibration(self.archive, self.norm)
             self.fingerprint = self.raw.fingerprint()
+            to_model = getattr(self.archive, "to_model", None)
+            #: where keys are scored: the whole frame, or the part of the LR frame the HR camera sees
+            self.crop = (slice(None), slice(None)) if to_model is None else seen_rectangle(to_model.inside)
         except BaseException:
             self.raw.close()
             raise
@@ -184,12 +209,9 @@ class ValidationContext:
         return img
 
     def lr_model(self, frames: Sequence[int], view: KeySubset) -> np.ndarray:
-        """Model-space LR frames (registered, and filled outside the LR field from ``view``'s keys)."""
-        lr = self.calib.lr_to_model(self.archive.read_lr_at(list(frames)))
-        if getattr(self.archive, "registration_applied", None) is not None:
-            from xvr_batch.registration import fill_outside
-            lr = fill_outside(view, list(frames), lr, self.calib)
-        return lr
+        """Model-space LR frames (as recorded: a registered run works in the LR camera's frame). ``view`` is
+        kept for callers; nothing is filled from its keys."""
+        return self.calib.lr_to_model(self.archive.read_lr_at(list(frames)))
 
     def hiding(self, hidden: Sequence[int]) -> KeySubset:
         """A view without the keys ``hidden``."""
@@ -268,12 +290,13 @@ def score_keys(ctx: ValidationContext, model, keys: Sequence[int], device: str |
             outs = run_model(model, chunk, device, batch)
             for item, out in zip(chunk, outs):
                 k, t = item.key, item.frame
-                truth = ctx.archive.read_hr(k)
+                truth = ctx.archive.read_hr(k)[ctx.crop]
                 rng = _frame_range(truth)
                 base = _Baselines(ctx.hiding([k]), ctx.norm)
                 lr_t = item.lr[item.slot] if cfg.head == "all" else item.lr[cfg.num_lr // 2]
                 imgs = {METHOD: ctx.calib.model_to_hr(out), "key_blend": base.key_blend(t),
                         "lr_bicubic": ctx.calib.model_to_hr(_upsample(lr_t, ctx.raw.scale))}
+                imgs = {name: img[ctx.crop] for name, img in imgs.items()}
                 row: dict[str, Any] = {"key": k, "frame": t,
                                        "bracket": [int(ctx.hr_index[item.bracket[0]]), int(ctx.hr_index[item.bracket[1]])]}
                 for name, img in imgs.items():

@@ -156,12 +156,7 @@ def _fill(f: h5py.File, out: Path, parts: list, shas: list, shape: tuple[int, in
         for k, part in enumerate(parts):
             ahead.result()
             ahead = reader.submit(_read_part_bytes, parts[k + 1], shas[k + 1]) if k + 1 < len(parts) else None
-            try:
-                pf = h5py.File(part, "r", locking=False)
-            except (OSError, ValueError, RuntimeError) as exc:
-                raise UserError(f"{part}: not a readable part ({' '.join(str(exc).split())[:120]}); resume the "
-                                "run to redo it") from None
-            with pf:
+            with open_part(part) as pf:
                 src = pf["data"]
                 start = int(pf.attrs["start"])
                 if start != t or src.dtype != dtype or src.shape[1:] != (hh, ww):
@@ -208,6 +203,15 @@ def _fill(f: h5py.File, out: Path, parts: list, shas: list, shape: tuple[int, in
         grp.attrs[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     f.flush()  # while ds and index are open; a failure raises here, and AtomicH5File cleans up
     del ds, index, cds
+
+
+def open_part(part: os.PathLike) -> h5py.File:
+    """A part file, open read-only, or one clear :class:`UserError` (resume redoes an unreadable part)."""
+    try:
+        return h5py.File(part, "r", locking=False)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{part}: not a readable part ({' '.join(str(exc).split())[:120]}); resume the "
+                        "run to redo it") from None
 
 
 def _read_consistency(pf: h5py.File, part: os.PathLike, m: int, cons: np.ndarray, t: int) -> None:
