@@ -330,6 +330,9 @@ def run_finetune(opts: FinetuneOptions, log: Callable[[str], None] = print) -> d
             quiet(f"held-out keys {held}: validate {float(before['swin_xvr']['psnr']):.3f} -> "
                   f"{float(after['swin_xvr']['psnr']):.3f} dB PSNR, SSIM {float(before['swin_xvr']['ssim']):.4f} -> "
                   f"{float(after['swin_xvr']['ssim']):.4f}")
+            if float(after["swin_xvr"]["psnr"]) < float(before["swin_xvr"]["psnr"]):
+                quiet(f"warning: the fine-tuned weights validate worse than the base weights on the held-out keys; "
+                      f"keep reconstructing with the base weights, not {result}")
         return {"out": result, "before": before, "after": after, "holdout_keys": held,
                 "train_keys": sorted(targets), "steps": opts.steps}
     finally:

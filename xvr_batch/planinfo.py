@@ -105,8 +105,9 @@ def format_plan(info: dict[str, Any], max_rows: int = 20) -> str:
         r = info["registration"]
         reg = Registration(r["matrix"], r["lr_shape"], r["grid_shape"], source=r.get("source", ""),
                            stats=r.get("stats") or {})
-        lines.append(f"registration ({reg.source}): {reg.summary()}; LR resampled onto the HR grid, outside "
-                     f"{100 * (1 - reg.overlap()):.1f}% filled from the key-frame blend")
+        lines.append(f"registration ({reg.source}): {reg.summary()}; reconstructed in the LR camera's frame and "
+                     f"resampled onto the HR pixels, the {100 * (1 - reg.overlap()):.1f}% of them outside the LR "
+                     "field from the key-frame blend")
     else:
         lines.append(f"registration: none (--registration {info.get('registration_mode', 'auto')}; LR read as it is)")
     lines += [f"note: {n}" for n in info.get("registration_notes", []) if "registration" in n and "no transform" in n]

@@ -57,7 +57,7 @@ MIN_OVERLAP = 0.5
 MIN_NCC = 0.3
 MAX_RESIDUAL = 1.0
 MAX_PAIRS = 12
-#: Spline order of the LR resampling (3: cubic B-spline).
+#: Spline order of ``Registration.warp`` (LR onto the grid: the fit's residual maps and the plot; 3: cubic B-spline).
 WARP_ORDER = 3
 HOW_BY_HAND = ("give the transform by hand: --registration FILE.json with {\"matrix\": [[a, b, tx], "
                "[c, d, ty]]} mapping LR pixel (x, y) to the HR/4 grid (docs/TWO_CAMERAS.md)")
