@@ -147,6 +147,14 @@ def test_compact_refuses_what_it_cannot_compact(pair, tmp_path, run_cli):
     assert final.read_bytes() == b"precious"
     assert run_cli("compact", virtual, "-o", final, "-q", "--overwrite").code == 0
     assert sha256(final) == before
+    # the parts folder a link to somewhere else: refused (an in-place compact deletes the parts it lists)
+    elsewhere = tmp_path / "elsewhere"
+    parts.rename(elsewhere)
+    parts.symlink_to(elsewhere, target_is_directory=True)
+    _one_line_error(run_cli("compact", virtual, "-q"), "symbolic link")
+    assert sorted(p.name for p in elsewhere.iterdir()) and sha256(virtual) == vsha
+    parts.unlink()
+    elsewhere.rename(parts)
 
 
 def test_virtual_run_removes_its_work_directory_and_refuses_a_stray_parts_folder(tmp_path, archive, tiny_weights,

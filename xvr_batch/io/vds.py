@@ -433,6 +433,10 @@ def _check_parts(src: Path, records: Any) -> list[Path]:
         paths.append(src.parent / folder / name)
     if len(folders) != 1:
         raise bad
+    folder = src.parent / next(iter(folders))
+    if folder.is_symlink():  # an in-place compact deletes the parts it lists: only in the real folder
+        raise UserError(f"{src}: its parts folder {folder} is a symbolic link; move the real folder beside "
+                        f"{src.name} (in its place), then compact again")
     for r, p in zip(records, paths):
         if not p.is_file() or p.is_symlink():
             raise UserError(f"{src}: part {p} is missing; the {p.parent.name} folder must stay beside "
