@@ -81,3 +81,12 @@ def test_finetune_refuses_too_few_keys(run_cli, tmp_path, tiny_weights):
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and "at least 5 key frames" in lines[0] and "Traceback" not in r.err
     assert not (tmp_path / "w.pt").exists()
+
+
+def test_training_crops_stay_where_the_hr_camera_sees():
+    """On a registered archive the crops keep to the LR pixels whose HR footprint is in the seen rectangle."""
+    from xvr_batch.finetune import _seen_lr
+    assert _seen_lr((slice(None), slice(None)), (32, 40), 4, 24) == ((0, 32), (0, 40))
+    assert _seen_lr((slice(5, 123), slice(9, 150)), (32, 40), 4, 24) == ((2, 30), (3, 37))
+    # less than one crop left on an axis: that axis is not restricted
+    assert _seen_lr((slice(5, 123), slice(9, 150)), (32, 40), 4, 31) == ((0, 32), (3, 37))

@@ -85,6 +85,8 @@ def test_params_and_json_round_trip(tmp_path):
     ('{"matrix": [[0, 0, 0], [0, 0, 0]]}', "degenerate"),
     ('{"matrix": [[1, 0, 0], [0, 1, 0]], "lr_shape": [3, 3]}', "another archive"),
     ('[1, 2]', "matrix"),
+    ('{"matrix": [[1, 0, 500], [0, 1, 0]]}', "over only 0.0% of the HR field"),
+    ('{"matrix": [[0.1, 0, 0], [0, 0.1, 0]]}', "of the HR field (at least 50% is needed)"),
 ])
 def test_bad_registration_file_is_a_one_line_error(run_cli, tmp_path, tiny_weights, content, words):
     arc = make_archive(tmp_path / "a.h5")

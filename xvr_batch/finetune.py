@@ -9,7 +9,8 @@ The target is a real HR key frame ``k``. The inputs are the NL LR frames of a wi
 time, at a random position in the window (head ``all``; loss only on that output slot), and the
 bracketing keys ``k - j`` and ``k + j``, with ``1 <= j <= max_gap`` random where both exist. The samples
 are read exactly as :mod:`xvr_batch.validate` reads them: the same registration (on a registered archive,
-in the LR camera's frame, targets included) and intensity mapping; no input uses key ``k`` or a held-out key. On top come train's
+in the LR camera's frame, targets included, and crops only where the HR camera sees that frame) and
+intensity mapping; no input uses key ``k`` or a held-out key. On top come train's
 aligned random crops (``crop`` LR pixels), flips and transposes, and its motion sampling (``p_motion``:
 the most moving of ``motion_tries`` crops). No extra noise is added: the archive carries its own.
 
@@ -169,8 +170,8 @@ class KeySamples(Dataset):
         keys = np.stack([ctx.hr_model(k - j), ctx.hr_model(k + j)])
         target = ctx.hr_model(k)[None]
         c, s = self.crop, self.scale
-        h, w = lr.shape[-2:]
-        y, x = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+        (y0, y1), (x0, x1) = _seen_lr(ctx.crop, lr.shape[-2:], s, c)
+        y, x = int(rng.integers(y0, y1 - c + 1)), int(rng.integers(x0, x1 - c + 1))
         fv, fh, tr = (bool(b) for b in (rng.random(3) < 0.5)) if self.flips else (False, False, False)
         arrays = [lr[:, y:y + c, x:x + c], keys[:, y * s:(y + c) * s, x * s:(x + c) * s],
                   target[:, y * s:(y + c) * s, x * s:(x + c) * s]]
@@ -194,6 +195,19 @@ class KeySamples(Dataset):
                 if score > best:
                     sample, best = other, score
         return sample
+
+
+def _seen_lr(crop: tuple[slice, slice], lr_shape: Sequence[int], scale: int, c: int) -> tuple[tuple[int, int], ...]:
+    """The LR rows and columns ``[lo, hi)`` where training crops may lie: those whose HR footprint is in the
+    validation rectangle ``crop`` (on a registered archive the part of the model frame the HR camera sees;
+    targets elsewhere would be the resampling's repeated edge), or every row/column where that leaves less
+    than one crop of ``c``."""
+    out = []
+    for sl, n in zip(crop, lr_shape):
+        lo = 0 if sl.start is None else -(-sl.start // scale)
+        hi = n if sl.stop is None else min(n, sl.stop // scale)
+        out.append((lo, hi) if hi - lo >= c else (0, int(n)))
+    return tuple(out)
 
 
 def _motion(sample: Mapping[str, torch.Tensor]) -> float:

@@ -211,7 +211,12 @@ def from_record(d: Any, where: str, lr_shape, grid_shape, source: str) -> Regist
             raise RegistrationError(f"{where}: {key} is {list(got)} but this archive's is {list(want)}; the "
                                     "transform was fitted for another archive")
     stats = d.get("stats") if isinstance(d.get("stats"), dict) else {}
-    return Registration(m, lr_shape, grid_shape, source=source, stats=stats)
+    reg = Registration(m, lr_shape, grid_shape, source=source, stats=stats)
+    if reg.overlap() < MIN_OVERLAP:  # the reconstruction would be mostly the key-frame blend
+        raise RegistrationError(f"{where}: the transform puts the LR field over only {100 * reg.overlap():.1f}% of "
+                                f"the HR field (at least {100 * MIN_OVERLAP:.0f}% is needed); check the matrix "
+                                f"(it maps LR pixels to the HR/4 grid, pixel centres at integers); {HOW_BY_HAND}")
+    return reg
 
 
 def load_json(path: str, lr_shape, grid_shape) -> Registration:
