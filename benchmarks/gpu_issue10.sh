@@ -3,7 +3,8 @@
 #   1. the CUDA tests of the model paths (sdpa/flex, eager/compiled, fp32 parity and bf16);
 #   2. bench_model rows eager, compile, flex, compile+flex: paper preset, LR 100x256, bf16, batch 8;
 #   3. bench_e2e with paper-preset weights (random, same cost) at LR 100x256 -> HR 400x1024, and --null-model;
-#   4. byte identity on the GPU: two runs, and two unit sizes, with compile + flex on, compared with cmp.
+#   4. byte identity on the GPU: two runs, and two unit sizes, with compile + flex on, compared with cmp;
+#   5. a registered two-camera run (LR camera's frame, output resampled on the device) at two unit sizes.
 # Not yet run: no GPU was lent to the session that wrote it. Results go to benchmarks/RESULTS.md with the
 # device name.
 #
@@ -58,5 +59,26 @@ d = sys.argv[1]
 data = {n: h5py.File(f"{d}/{n}.h5")["/exchange/data"][()] for n in ("u128a", "u128b", "u40")}
 print("two runs identical:", data["u128a"].tobytes() == data["u128b"].tobytes())
 print("unit 128 vs 40 identical:", data["u128a"].tobytes() == data["u40"].tobytes())
+PY
+say "5. a registered two-camera run on the GPU: unit sizes give identical bytes (device-side resampling)"
+C="$OUT/cams"; rm -rf "$C"; mkdir -p "$C"
+"$PYTHON" -m xvr_batch synth --two-cameras "$C/c" --frames 61 --hr-size 400 1024 --stride 10 > /dev/null
+"$PYTHON" - "$C" <<'PY'
+import json, subprocess, sys
+c = sys.argv[1]
+t = json.load(open(f"{c}/c/truth.json"))
+f = {k: f"{c}/c/{v}" for k, v in t["files"].items()}
+subprocess.run([sys.executable, "-m", "xvr_batch", "assemble", "-o", f"{c}/arc.h5", "--lr", f["lr"], "--lr-time",
+                f["lr_time"], "--hr", f["hr"], "--hr-time", f["hr_time"], "--hr-delay", str(t["hr_delay"])], check=True)
+PY
+for u in 8 23; do
+    timeout 240 "$PYTHON" -m xvr_batch reconstruct "$C/arc.h5" -o "$C/u$u.h5" --device cuda --unit-frames "$u" -q \
+        || say "registered run u$u failed"
+done
+"$PYTHON" - "$C" <<'PY'
+import sys, h5py, hdf5plugin  # noqa: F401
+c = sys.argv[1]
+a, b = (h5py.File(f"{c}/u{u}.h5")["/exchange/data"][()] for u in (8, 23))
+print("registered, unit 8 vs 23 identical:", a.tobytes() == b.tobytes())
 PY
 say "done"
