@@ -160,7 +160,7 @@ class KeySamples(Dataset):
         key = (k, -1 if start is None else start)
         lr = self._lr.get(key)
         if lr is None:
-            item = ctx.inputs(k, self.num_lr, self.head, bracket=(k - j, k + j), start=start, hidden=self.held)
+            item = ctx.inputs(k, self.num_lr, self.head, bracket=(k - j, k + j), start=start)
             lr, slot = item.lr, item.slot
             if len(self._lr) > 512:
                 self._lr.pop(next(iter(self._lr)))

@@ -32,6 +32,7 @@ alone and pairs that disagree with the joint fit are rejected as outliers, and t
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -643,17 +644,23 @@ class RegisteredArchive:
         h, w = (int(v) for v in archive.lr_shape)
         self.native_hr_shape = tuple(int(v) for v in archive.hr_shape)
         self.hr_shape = (s * h, s * w)
-        a = model_to_hr_affine(reg.matrix, s)
-        inv = np.linalg.inv(np.vstack([a, [0.0, 0.0, 1.0]]))[:2]
+        self._affine = model_to_hr_affine(reg.matrix, s)
         #: HR camera frame -> model frame; ``to_model.inside`` is the part of the model frame the HR camera sees
-        self.to_model = SplineWarp(a, self.native_hr_shape, self.hr_shape)
-        #: model frame -> HR camera frame; ``to_hr.inside`` is the part of the HR field the LR camera sees
-        self.to_hr = SplineWarp(inv, self.hr_shape, self.native_hr_shape)
+        self.to_model = SplineWarp(self._affine, self.native_hr_shape, self.hr_shape)
         #: (h, w) bool: LR pixels whose footprint the HR camera sees (the consistency metric counts these)
         self.lr_inside = self.to_model.inside.reshape(h, s, w, s).all(axis=(1, 3))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_archive"], name)
+
+    @functools.cached_property
+    def to_hr(self):
+        """Model frame -> HR camera frame (:class:`~xvr_batch.warp.SplineWarp`, built on first use: only the
+        reconstruction resamples back); ``to_hr.inside`` is the part of the HR field the LR camera sees."""
+        from xvr_batch.warp import SplineWarp
+
+        inv = np.linalg.inv(np.vstack([self._affine, [0.0, 0.0, 1.0]]))[:2]
+        return SplineWarp(inv, self.hr_shape, self.native_hr_shape)
 
     def read_hr(self, k: int) -> np.ndarray:
         """Key frame ``k`` in the model frame, float32 HR counts."""
@@ -710,5 +717,12 @@ def registered(arc, settings: dict):
     rec = settings.get("registration") if isinstance(settings, dict) else None
     if not rec:
         return arc
-    return RegisteredArchive(arc, Registration(rec["matrix"], rec["lr_shape"], rec["grid_shape"],
-                                               source=str(rec.get("source", ""))))
+    # one view per archive handle and transform: prepare, the consistency fit and the runner of a process share
+    # it (building its resampling tables costs about half a second at 400x1024)
+    key = json.dumps(rec, sort_keys=True)
+    views = arc.__dict__.setdefault("_registered_views", {})
+    view = views.get(key)
+    if view is None:
+        view = views[key] = RegisteredArchive(arc, Registration(rec["matrix"], rec["lr_shape"], rec["grid_shape"],
+                                                                source=str(rec.get("source", ""))))
+    return view

@@ -72,8 +72,7 @@ class KeySubset:
     """A view of an archive (or a registered one) that only has the key frames ``keep`` (key numbers,
     ascending); ``read_hr(i)`` reads the ``i``-th kept key. Everything else is the archive's.
 
-    It is how a key is hidden: the baselines and the registration fill
-    (:func:`xvr_batch.registration.fill_outside`) of this view never see the keys left out."""
+    It is how a key is hidden: the baselines of this view never see the keys left out."""
 
     def __init__(self, archive, keep: Sequence[int]):
         self._archive = archive
@@ -208,9 +207,8 @@ class ValidationContext:
             img = self._hr[k] = self.calib.hr_to_model(self.archive.read_hr(k))
         return img
 
-    def lr_model(self, frames: Sequence[int], view: KeySubset) -> np.ndarray:
-        """Model-space LR frames (as recorded: a registered run works in the LR camera's frame). ``view`` is
-        kept for callers; nothing is filled from its keys."""
+    def lr_model(self, frames: Sequence[int]) -> np.ndarray:
+        """Model-space LR frames (as recorded: a registered run works in the LR camera's frame)."""
         return self.calib.lr_to_model(self.archive.read_lr_at(list(frames)))
 
     def hiding(self, hidden: Sequence[int]) -> KeySubset:
@@ -219,13 +217,12 @@ class ValidationContext:
         return KeySubset(self.archive, [k for k in range(self.n_keys) if k not in drop])
 
     def inputs(self, k: int, num_lr: int, head: str, bracket: tuple[int, int] | None = None,
-               start: int | None = None, hidden: Sequence[int] = ()) -> KeyInputs:
-        """The model inputs that reconstruct key ``k`` from ``bracket`` (default ``(k - 1, k + 1)``);
-        ``hidden`` keys (besides ``k``) are also kept out of the registration fill."""
+               start: int | None = None) -> KeyInputs:
+        """The model inputs that reconstruct key ``k`` from ``bracket`` (default ``(k - 1, k + 1)``): LR frames
+        and the two bracket keys only, so no other key reaches the model."""
         kp, kn = bracket or (k - 1, k + 1)
         frames, slot = key_window(self.hr_index, k, num_lr, self.raw.n_frames, head, start)
-        view = self.hiding([k, *hidden])
-        lr = self.lr_model(frames, view)
+        lr = self.lr_model(frames)
         keys = np.stack([self.hr_model(kp), self.hr_model(kn)])
         return KeyInputs(int(k), int(self.hr_index[k]), (int(kp), int(kn)), lr, keys, slot)
 
