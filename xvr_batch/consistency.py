@@ -84,7 +84,7 @@ def fit_baseline(archive, calib, threshold: float = DEFAULT_THRESHOLD) -> dict:
     rms = []
     for k in picks:
         hr = calib.hr_to_model(archive.read_hr(k)).astype(np.float64)
-        lr = calib.lr_to_model(archive.read_lr_at([int(archive.hr_index[k])]))[0].astype(np.float64)
+        lr = calib.lr_to_model(archive.read_lr_at([int(archive.hr_index[k])]), frames=[int(archive.hr_index[k])])[0].astype(np.float64)
         d = _block_mean(hr, s) - lr
         if inside is not None:
             d = d[np.asarray(inside)]

@@ -250,7 +250,7 @@ class _Baselines:
 
     def lr_bicubic(self, t: int) -> np.ndarray:
         lr = self.archive.read_lr_at([t])[0]
-        up = _upsample(self.calib.lr_to_model(lr), self.archive.scale)
+        up = _upsample(self.calib.lr_to_model(lr, repair=False), self.archive.scale)  # the classical baseline
         return self.calib.model_to_hr(up)
 
     def key_blend(self, t: int) -> np.ndarray:

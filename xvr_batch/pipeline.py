@@ -499,7 +499,7 @@ class UnitRunner:
         wins = batch_windows(self.plan.windows, b, self.batch)
         frames = sorted({f for w in wins for f in w.frames})
         pos = {f: i for i, f in enumerate(frames)}
-        lr_all = self.calib.lr_to_model(self.archive.read_lr_at(frames))
+        lr_all = self.calib.lr_to_model(self.archive.read_lr_at(frames), frames=frames)
         lr = np.stack([lr_all[[pos[f] for f in w.frames]] for w in wins])  # B, NL, h, w
         hr = {}  # key number -> model-space key frame (in the model's frame); ("native", k) -> the HR camera's
         for k in sorted({k for w in wins for k in w.keys}):

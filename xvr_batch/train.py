@@ -626,12 +626,16 @@ class TrainSamples(Dataset):
         c, s = self.crop, self.scale
         ys, xs = slice(spec.y, spec.y + c), slice(spec.x, spec.x + c)
         hys, hxs = slice(spec.y * s, (spec.y + c) * s), slice(spec.x * s, (spec.x + c) * s)
-        lr = calib.lr_to_model(arc.read_lr_at(list(spec.frames)))[:, ys, xs]
-        keys = []
+        keys, bracket = [], []
         for kind, i in spec.keys:
             raw = arc.read_hr(i) if kind == "hr" else arc.read_gt(i, i + 1)[0]
-            keys.append(calib.hr_to_model(raw)[hys, hxs])
+            full = calib.hr_to_model(raw)
+            bracket += [int(arc.hr_index[i]) if kind == "hr" else int(i), full]
+            keys.append(full[hys, hxs])
         hr = np.stack(keys)
+        # clipped LR readings are repaired from the keys this sample gives the model (jittered ones included)
+        lr = calib.lr_to_model(arc.read_lr_at(list(spec.frames)), frames=list(spec.frames),
+                               bracket=tuple(bracket) if len(bracket) == 4 else None)[:, ys, xs]
         t0 = spec.targets[0]
         if spec.targets == tuple(range(t0, t0 + len(spec.targets))):
             gt = arc.read_gt(t0, t0 + len(spec.targets))
@@ -701,7 +705,7 @@ class Validator:
                 calib = Calibration(arc, Normalisation.from_dict(info.norm))
                 for j, wi in enumerate(pick):
                     win = wins[wi]
-                    lrs.append(calib.lr_to_model(arc.read_lr_at(list(win.frames)))[:, ys, xs])
+                    lrs.append(calib.lr_to_model(arc.read_lr_at(list(win.frames)), frames=list(win.frames))[:, ys, xs])
                     hrs.append(np.stack([calib.hr_to_model(arc.read_hr(k))[hys, hxs] for k in win.keys]))
                     for t, slot in win.emit:
                         if t in keyset:

@@ -207,9 +207,10 @@ class ValidationContext:
             img = self._hr[k] = self.calib.hr_to_model(self.archive.read_hr(k))
         return img
 
-    def lr_model(self, frames: Sequence[int]) -> np.ndarray:
-        """Model-space LR frames (as recorded: a registered run works in the LR camera's frame)."""
-        return self.calib.lr_to_model(self.archive.read_lr_at(list(frames)))
+    def lr_model(self, frames: Sequence[int], keys: Sequence[int] | None = None) -> np.ndarray:
+        """Model-space LR frames (as recorded: a registered run works in the LR camera's frame). Clipped LR
+        readings are repaired from the key frames ``keys`` only (default all), so a hidden key never leaks in."""
+        return self.calib.lr_to_model(self.archive.read_lr_at(list(frames)), frames=list(frames), keys=keys)
 
     def hiding(self, hidden: Sequence[int]) -> KeySubset:
         """A view without the keys ``hidden``."""
@@ -222,7 +223,7 @@ class ValidationContext:
         and the two bracket keys only, so no other key reaches the model."""
         kp, kn = bracket or (k - 1, k + 1)
         frames, slot = key_window(self.hr_index, k, num_lr, self.raw.n_frames, head, start)
-        lr = self.lr_model(frames)
+        lr = self.lr_model(frames, keys=(kp, kn))
         keys = np.stack([self.hr_model(kp), self.hr_model(kn)])
         return KeyInputs(int(k), int(self.hr_index[k]), (int(kp), int(kn)), lr, keys, slot)
 
