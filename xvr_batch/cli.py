@@ -207,6 +207,9 @@ from xvr_batch.backends import BACKENDS, backend_options  # noqa: E402  (the bac
                    "the first batch of each shape compiles (about a minute).")
 @click.option("--attention", type=click.Choice(["sdpa", "flex"]), default="sdpa", show_default=True,
               help="Window attention kernel: sdpa, or flex (FlexAttention; fast with --compile).")
+@click.option("--refine", type=click.Choice(["lr", "none"]), default="lr", show_default=True,
+              help="lr: put back into each frame the part of its LR residual that stands above the noise (what the "
+                   "network missed, e.g. an object between key frames); none: the network's output as it is.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--force-replan", is_flag=True, help="Discard an incompatible earlier work directory and start over.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the work directory (manifest, parts) after success.")
@@ -581,14 +584,16 @@ def evaluate_cmd(recon, truth, frames, max_frames, json_out, plot_out):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG: PSNR per key for each method, and one side-by-side panel.")
-def validate_cmd(archive, weights, keys_spec, registration, device, as_json, plot_out):
+@click.option("--refine", type=click.Choice(["lr", "none"]), default="lr", show_default=True,
+              help="As reconstruct --refine.")
+def validate_cmd(archive, weights, keys_spec, registration, device, as_json, plot_out, refine):
     """Key-frame self-validation, for archives without dense truth: hide each interior key frame,
     reconstruct it from its two neighbours and the LR frames, and score it against the real key frame,
     next to the key-frame blend and bicubic LR baselines."""
     from xvr_batch import validate as va
     result = va.validate_archive(archive, weights=weights, keys=va.parse_keys(keys_spec), registration=registration,
                                  device=device, progress=not as_json, keep_images=bool(plot_out),
-                                 log=(lambda s: None) if as_json else _echo_err)
+                                 log=(lambda s: None) if as_json else _echo_err, refine=refine)
     if plot_out:
         va.plot(result, plot_out)
     if as_json:

@@ -73,6 +73,7 @@ class Options:
     registration: str = "auto"  # auto | none | FILE.json (xvr_batch.registration)
     attention: str = "sdpa"  # sdpa | flex (xvr_batch.model.attention)
     compile: bool = False
+    refine: str = "lr"  # lr | none (xvr_batch.refine)
     #: single | virtual (xvr_batch.io.vds): how finalise writes the output; not in output_affecting (the frames
     #: are the same), and `xvr-batch compact` turns a virtual output into the single file later
     layout: str = "single"
@@ -133,7 +134,7 @@ def output_affecting(opts: Options, device_type: str, precision: str) -> dict:
     """The settings that change output bytes; their hash guards resume against a mix of settings."""
     return {"batch": opts.batch, "tile": opts.tile, "tile_overlap": opts.tile_overlap, "dtype": opts.dtype,
             "device_type": device_type, "precision": precision, "unit_frames": opts.unit_frames,
-            "attention": opts.attention, "compile": bool(opts.compile)}
+            "attention": opts.attention, "compile": bool(opts.compile), "refine": opts.refine}
 
 
 def _hash(obj: Any) -> str:
@@ -318,6 +319,9 @@ def prepare(opts: Options, command: list[str] | None = None, config: dict | None
     from xvr_batch.model.attention import ATTENTION_KINDS, kernel_identity
     if opts.attention not in ATTENTION_KINDS:
         raise UserError(f"--attention {opts.attention!r}: choose one of {', '.join(ATTENTION_KINDS)}")
+    from xvr_batch.refine import REFINE_KINDS
+    if opts.refine not in REFINE_KINDS:
+        raise UserError(f"--refine {opts.refine!r}: choose one of {', '.join(REFINE_KINDS)}")
     # the kernels that run (attention, compile mode, GPU model, torch/CUDA): a resume never mixes parts of two
     settings["kernels"] = kernel_identity(None, device, attention=opts.attention, compile=opts.compile)
     arc = Archive(opts.archive, opts.archive_paths(), opts.hr_stride, opts.hr_offset,
@@ -474,6 +478,11 @@ class UnitRunner:
                       torch.from_numpy(~self._to_hr.inside).to(self.device))
         self._hr_index = [int(v) for v in job.plan_args["hr_index"]]
         self._cons_slots = list(range(self.cfg.num_lr)) if self.cfg.head == "all" else [self.cfg.num_lr // 2]
+        # LR refinement (xvr_batch.refine) needs the archive's consistency sigma; a work directory planned before
+        # it existed records no "refine" and resumes without it
+        self._refine = self.settings.get("refine", "none") == "lr" and self._cons_sigma is not None
+        from xvr_batch.refine import needs_denoise
+        self._denoise = self._refine and needs_denoise(self._cons_sigma)
 
     def _add(self, stage: str, seconds: float) -> None:
         with self._stats_lock:
@@ -578,6 +587,32 @@ class UnitRunner:
             self._keys.move_to_end(key)
         return base
 
+    def _key_binned(self, k: int, hr: dict) -> torch.Tensor:
+        """(h, w) key ``k`` binned to the LR grid, on the device (cached)."""
+        key = ("binned", k)
+        img = self._keys.get(key)
+        if img is None:
+            x = torch.from_numpy(np.ascontiguousarray(hr[k])).to(self.device)[None, None]
+            img = self._keys[key] = torch.nn.functional.avg_pool2d(x, self.cfg.scale)[0, 0]
+        else:
+            self._keys.move_to_end(key)
+        return img
+
+    def _denoised_lr(self, wins, lr_in: torch.Tensor, hr: dict) -> torch.Tensor:
+        """(B, NL, h, w) LR frames as the network reads them on a noisy archive (:func:`xvr_batch.refine.lr_denoise`:
+        each frame against the time blend of its window's two key frames, binned)."""
+        from xvr_batch.refine import lr_denoise
+
+        blend = torch.empty_like(lr_in)
+        for i, w_ in enumerate(wins):
+            k0, k1 = w_.keys
+            t0, t1 = self._hr_index[k0], self._hr_index[k1]
+            a, b = self._key_binned(k0, hr), self._key_binned(k1, hr)
+            for j, t in enumerate(w_.frames):
+                wt = 0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0)))
+                blend[i, j] = a * (1.0 - wt) + b * wt
+        return lr_denoise(lr_in, blend, self._cons_sigma)
+
     def _to_device(self, lr: np.ndarray) -> tuple:
         """``(tensor, ready_event)``: the batch's LR on the device. On CUDA the batch goes through pinned host
         memory and a non-blocking copy on a side stream (it overlaps the previous batch's compute); on the CPU
@@ -617,7 +652,17 @@ class UnitRunner:
 
     def _compute_dev(self, wins, lr_dev: tuple, hr: dict) -> torch.Tensor:
         """The model on one staged batch, in the output's frame (see :meth:`_output_frame`)."""
-        return self._output_frame(self._model_dev(wins, lr_dev, hr), wins, hr)
+        return self._output_frame(self._refine_dev(lr_dev, self._model_dev(wins, lr_dev, hr)), wins, hr)
+
+    def _refine_dev(self, lr_dev: tuple, out: torch.Tensor) -> torch.Tensor:
+        """The model-frame output after the LR refinement (:mod:`xvr_batch.refine`), or itself when it is off."""
+        if not self._refine:
+            return out
+        from xvr_batch.refine import lr_refine
+
+        with torch.inference_mode():
+            return lr_refine(out, lr_dev[0], self._cons_sigma, self._cons_slots, self.cfg.scale,
+                             inside=self._cons_inside)
 
     def _output_frame(self, out: torch.Tensor, wins, hr: dict) -> torch.Tensor:
         """Model-frame output (B, n_out, s h, s w) -> the HR camera's frame (B, n_out, H, W): itself, or with a
@@ -656,9 +701,10 @@ class UnitRunner:
         lr_in, ready = lr_dev
         if ready is not None:
             torch.cuda.current_stream(self.device).wait_event(ready)
-        lr_t = lr_in[:, :, None]  # B, NL, 1, h, w
         h, w = lr_in.shape[-2:]
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with torch.inference_mode():
+            lr_t = (self._denoised_lr(wins, lr_in, hr) if self._denoise else lr_in)[:, :, None]  # B, NL, 1, h, w
         with torch.inference_mode(), ctx:
             def run(tile=None) -> torch.Tensor:
                 feats = torch.stack([
@@ -793,7 +839,7 @@ class UnitRunner:
                     b, wins, lr_dev, hr = nxt
                     t0 = time.perf_counter()
                     out_m = self._model_dev(wins, lr_dev, hr)
-                    host, ev = self._to_host(self._output_frame(out_m, wins, hr))
+                    host, ev = self._to_host(self._output_frame(self._refine_dev(lr_dev, out_m), wins, hr))
                     self._add("compute", time.perf_counter() - t0)
                     t1 = time.perf_counter()
                     c_dev = self._consistency_dev(lr_dev, out_m)

@@ -114,6 +114,8 @@ class KeyInputs:
     lr: np.ndarray
     keys: np.ndarray
     slot: int
+    frames: tuple[int, ...] = ()  # the LR frame numbers of ``lr``
+    times: tuple[int, int] = (0, 0)  # the frame numbers of the two bracket keys
 
 def seen_rectangle(inside: np.ndarray) -> tuple[slice, slice]:
     """The rows and columns of a large rectangle that lies wholly in the boolean mask ``inside`` (greedy:
@@ -176,6 +178,10 @@ class ValidationContext:
             to_model = getattr(self.archive, "to_model", None)
             #: where keys are scored: the whole frame, or the part of the LR frame the HR camera sees
             self.crop = (slice(None), slice(None)) if to_model is None else seen_rectangle(to_model.inside)
+            from xvr_batch.consistency import fit_baseline
+            #: the archive's consistency sigma, which the LR refinement uses as ``reconstruct`` does (a noise
+            #: level fitted over the key frames: no key's content reaches the model through it)
+            self.sigma = float(fit_baseline(self.archive, self.calib)["sigma"])
         except BaseException:
             self.raw.close()
             raise
@@ -225,7 +231,8 @@ class ValidationContext:
         frames, slot = key_window(self.hr_index, k, num_lr, self.raw.n_frames, head, start)
         lr = self.lr_model(frames, keys=(kp, kn))
         keys = np.stack([self.hr_model(kp), self.hr_model(kn)])
-        return KeyInputs(int(k), int(self.hr_index[k]), (int(kp), int(kn)), lr, keys, slot)
+        return KeyInputs(int(k), int(self.hr_index[k]), (int(kp), int(kn)), lr, keys, slot,
+                         tuple(int(f) for f in frames), (int(self.hr_index[kp]), int(self.hr_index[kn])))
 
 def _resolve_model(weights: Any) -> tuple[Any, dict]:
     """``(model, record)`` from None / a name / a path (:func:`~xvr_batch.weights.resolve_weights`), a
@@ -244,8 +251,12 @@ def _resolve_model(weights: Any) -> tuple[Any, dict]:
     return weights.load(), {"source": weights.source, "sha256": weights.sha256, "trained": weights.trained}
 
 @torch.no_grad()
-def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "cpu", batch: int = 4) -> list[np.ndarray]:
-    """Model-space output frame (H, W) at each item's slot, as ``UnitRunner._compute_dev`` computes it."""
+def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "cpu", batch: int = 4,
+              sigma: float | None = None) -> list[np.ndarray]:
+    """Model-space output frame (H, W) at each item's slot, as ``UnitRunner._compute_dev`` computes it; with the
+    archive's consistency ``sigma``, with the LR denoising and refinement of ``reconstruct --refine lr``
+    (:mod:`xvr_batch.refine`)."""
+    from xvr_batch.refine import lr_denoise, lr_refine
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -254,7 +265,19 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
     try:
         for b0 in range(0, len(items), max(1, batch)):
             chunk = items[b0:b0 + batch]
-            lr = torch.from_numpy(np.stack([c.lr for c in chunk])).to(device)[:, :, None]  # B, NL, 1, h, w
+            measured = torch.from_numpy(np.stack([c.lr for c in chunk])).to(device)  # B, NL, h, w
+            lr = measured[:, :, None]  # B, NL, 1, h, w
+            s = model.cfg.scale
+            if sigma is not None:
+                blend = torch.empty_like(measured)
+                for i, c in enumerate(chunk):
+                    (t0, t1), frames = c.times, c.frames or (c.frame,) * measured.shape[1]
+                    a, b = (torch.nn.functional.avg_pool2d(torch.from_numpy(np.ascontiguousarray(img)).to(device)[None, None],
+                                                           s)[0, 0] for img in c.keys)
+                    for j, t in enumerate(frames):
+                        wt = 0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0)))
+                        blend[i, j] = a * (1.0 - wt) + b * wt
+                lr = lr_denoise(measured, blend, sigma)[:, :, None]
             with autocast:
                 feats = torch.stack([torch.stack([
                     model.encode_keys(torch.from_numpy(np.ascontiguousarray(img)).to(device)[None, None, None])[0, 0]
@@ -264,6 +287,9 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
                     base = torch.stack([model.key_base(torch.from_numpy(c.keys).to(device)[None, :, None])[0]
                                         for c in chunk])  # B, 1, 1, H, W
                 y = model.forward_features(lr, feats, base).float()[:, :, 0]  # B, n_out, H, W
+            if sigma is not None:
+                slots = list(range(model.cfg.num_lr)) if model.cfg.head == "all" else [model.cfg.num_lr // 2]
+                y = lr_refine(y, measured, sigma, slots, s)
             for i, c in enumerate(chunk):
                 outs.append(y[i, c.slot if model.cfg.head == "all" else 0].cpu().numpy())
     finally:
@@ -272,8 +298,9 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
 
 def score_keys(ctx: ValidationContext, model, keys: Sequence[int], device: str | torch.device = "cpu",
                batch: int = 4, progress: bool = False, keep_images: bool = False,
-               prepared: Sequence[KeyInputs] | None = None) -> dict[str, Any]:
-    """Per-key and mean scores of ``model`` on the hidden ``keys`` of ``ctx`` (see :func:`validate_archive`)."""
+               prepared: Sequence[KeyInputs] | None = None, refine: str = "lr") -> dict[str, Any]:
+    """Per-key and mean scores of ``model`` on the hidden ``keys`` of ``ctx`` (see :func:`validate_archive`);
+    ``refine`` as ``reconstruct --refine`` (``lr``: the LR denoising and refinement of :mod:`xvr_batch.refine`)."""
     cfg = model.cfg
     items = list(prepared) if prepared is not None else [ctx.inputs(k, cfg.num_lr, cfg.head) for k in keys]
     bar = None
@@ -285,7 +312,7 @@ def score_keys(ctx: ValidationContext, model, keys: Sequence[int], device: str |
     try:
         for b0 in range(0, len(items), max(1, batch)):
             chunk = items[b0:b0 + batch]
-            outs = run_model(model, chunk, device, batch)
+            outs = run_model(model, chunk, device, batch, sigma=ctx.sigma if refine == "lr" else None)
             for item, out in zip(chunk, outs):
                 k, t = item.key, item.frame
                 truth = ctx.archive.read_hr(k)[ctx.crop]
@@ -363,8 +390,9 @@ def validate_archive(archive_path: str | os.PathLike[str], weights: Any = None, 
                      registration: str = "auto", device: str = "cpu", progress: bool = False, *,
                      batch: int = 4, paths: ArchivePaths | None = None, hr_stride: int | None = None,
                      hr_offset: int = 0, keep_images: bool = False, context: ValidationContext | None = None,
-                     log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Reconstruct each of ``keys`` (default: every interior key) from its neighbours and score it.
+                     log: Callable[[str], None] = lambda s: None, refine: str = "lr") -> dict[str, Any]:
+    """Reconstruct each of ``keys`` (default: every interior key) from its neighbours and score it, with the
+    LR refinement ``refine`` (``lr`` or ``none``, as ``reconstruct --refine``).
 
     ``weights``: None (the default weights), a shipped name, a checkpoint path, a
     :class:`~xvr_batch.weights.ResolvedWeights` or an already-loaded model. ``context``: an open
@@ -389,7 +417,7 @@ def validate_archive(archive_path: str | os.PathLike[str], weights: Any = None, 
         if ctx.raw.scale != model.cfg.scale:
             raise UserError(f"{ctx.path}: HR/LR scale is {ctx.raw.scale}, but the model upsamples x{model.cfg.scale}")
         chosen = _check_keys(keys, ctx.n_keys, ctx.path)
-        result = score_keys(ctx, model, chosen, device, batch, progress, keep_images)
+        result = score_keys(ctx, model, chosen, device, batch, progress, keep_images, refine=refine)
         result.update({
             "archive": ctx.path, "fingerprint": ctx.fingerprint, "weights": record,
             "registration": ctx.registration, "normalisation": ctx.norm.to_dict(),
