@@ -28,6 +28,7 @@ import h5py
 from xvr_batch.driver import reconstruct
 from xvr_batch.evaluate import as_float, evaluate
 from xvr_batch.pipeline import Options
+from xvr_batch.refine import REFINE_KINDS
 
 SPEED_BINS = ((0.5, "slow <0.5"), (2.0, "medium 0.5-2"), (float("inf"), "fast >=2"))
 
@@ -77,6 +78,8 @@ def main() -> None:
     ap.add_argument("--archives", nargs="*", default=[])
     ap.add_argument("--weights", default=None)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--refine", choices=REFINE_KINDS, default=None,
+                    help="reconstruct's --refine (default: reconstruct's default)")
     ap.add_argument("--json", dest="json_out", default=None)
     a = ap.parse_args()
     items = []
@@ -95,7 +98,7 @@ def main() -> None:
         vmax = max(speeds.values()) if speeds else None
         out = out_dir / (Path(it["path"]).stem + "_recon.h5")
         reconstruct(Options(archive=it["path"], output=str(out), weights=a.weights, batch=a.batch, overwrite=True,
-                            force_replan=True), progress=False)
+                            force_replan=True, **({"refine": a.refine} if a.refine else {})), progress=False)
         res = evaluate(str(out), it["path"], frames="between")
         out.unlink(missing_ok=True)
         m = res["methods"]

@@ -162,6 +162,20 @@ class Calibration:
             self._repair_lr(np.asarray(lr), x, frames, keys, bracket)
         return x
 
+    def lr_measured(self, raw: np.ndarray) -> np.ndarray:
+        """Raw LR frames ``(..., h, w)`` -> a boolean map, True where the camera measured the pixel: not clipped,
+        not defective, with a usable flat (the pixels :meth:`lr_to_model` leaves as read)."""
+        raw = np.asarray(raw)
+        cam = self._cams["lr"]
+        ok = raw < cam.level if cam.level is not None else np.ones(raw.shape, bool)
+        bad = cam.static_bad
+        return ok & ~bad if bad is not None else ok
+
+    @property
+    def transmission(self) -> tuple[float, float]:
+        """``(lo, span)``: model space ``y`` is the flat-fielded intensity ``lo + span * y``."""
+        return float(self.norm.lo), float(self.norm.hi - self.norm.lo)
+
     def _repair_lr(self, raw: np.ndarray, x: np.ndarray, frames, keys, bracket) -> None:
         cam = self._cams["lr"]
         raw3, x3 = (raw[None], x[None]) if x.ndim == 2 else (raw, x)

@@ -131,10 +131,13 @@ class Options:
 
 
 def output_affecting(opts: Options, device_type: str, precision: str) -> dict:
+    from xvr_batch.refine import REFINE_STEPS
+
     """The settings that change output bytes; their hash guards resume against a mix of settings."""
     return {"batch": opts.batch, "tile": opts.tile, "tile_overlap": opts.tile_overlap, "dtype": opts.dtype,
             "device_type": device_type, "precision": precision, "unit_frames": opts.unit_frames,
-            "attention": opts.attention, "compile": bool(opts.compile), "refine": opts.refine}
+            "attention": opts.attention, "compile": bool(opts.compile), "refine": opts.refine,
+            "refine_steps": list(REFINE_STEPS) if opts.refine == "lr" else []}
 
 
 def _hash(obj: Any) -> str:
@@ -482,7 +485,13 @@ class UnitRunner:
         # it existed records no "refine" and resumes without it
         self._refine = self.settings.get("refine", "none") == "lr" and self._cons_sigma is not None
         from xvr_batch.refine import needs_denoise
-        self._denoise = self._refine and needs_denoise(self._cons_sigma)
+        steps = self.settings.get("refine_steps", ["denoise", "residual"]) if self._refine else []
+        self._denoise = "denoise" in steps and needs_denoise(self._cons_sigma)
+        self._residual = "residual" in steps
+        #: beam step: the LR field's mask (registered archives) and the flat-fielded intensity of model space
+        self._beam = "beam" in steps
+        self._beam_inside = None if inside is None or np.asarray(inside).all() else np.asarray(inside, bool)
+        self._lo_span = self.calib.transmission
 
     def _add(self, stage: str, seconds: float) -> None:
         with self._stats_lock:
@@ -508,15 +517,26 @@ class UnitRunner:
         wins = batch_windows(self.plan.windows, b, self.batch)
         frames = sorted({f for w in wins for f in w.frames})
         pos = {f: i for i, f in enumerate(frames)}
-        lr_all = self.calib.lr_to_model(self.archive.read_lr_at(frames), frames=frames)
+        raw = self.archive.read_lr_at(frames)
+        lr_all = self.calib.lr_to_model(raw, frames=frames)
         lr = np.stack([lr_all[[pos[f] for f in w.frames]] for w in wins])  # B, NL, h, w
-        hr = {}  # key number -> model-space key frame (in the model's frame); ("native", k) -> the HR camera's
+        hr = {}  # key number -> model-space key frame (in the model's frame); ("native", k) -> the HR camera's;
+        # beam step: "measured" -> (B, NL, h, w) bool, ("key_lr", k) -> the LR frame at key k's time and its mask
+        if self._beam:
+            ok_all = self._measured(raw)
+            hr["measured"] = np.stack([ok_all[[pos[f] for f in w.frames]] for w in wins])
+            for k in sorted({k for w in wins for k in w.keys}):
+                if ("key_lr", k) not in hr_cache:
+                    t = self._hr_index[k]
+                    raw_k = self.archive.read_lr_at([t])
+                    hr_cache[("key_lr", k)] = (self.calib.lr_to_model(raw_k, frames=[t])[0], self._measured(raw_k)[0])
+                hr[("key_lr", k)] = hr_cache[("key_lr", k)]
         for k in sorted({k for w in wins for k in w.keys}):
             if k not in hr_cache:
                 hr_cache[k] = self.calib.hr_to_model(self.archive.read_hr(k))
                 if self._fill is not None:
                     hr_cache[("native", k)] = self.calib_out.hr_to_model(self.archive.read_hr_native(k))
-                while len(hr_cache) > self._key_cap * (1 if self._fill is None else 2):
+                while len(hr_cache) > self._key_cap * ((1 if self._fill is None else 2) + self._beam):
                     hr_cache.popitem(last=False)
             hr[k] = hr_cache[k]
             if self._fill is not None:
@@ -652,17 +672,52 @@ class UnitRunner:
 
     def _compute_dev(self, wins, lr_dev: tuple, hr: dict) -> torch.Tensor:
         """The model on one staged batch, in the output's frame (see :meth:`_output_frame`)."""
-        return self._output_frame(self._refine_dev(lr_dev, self._model_dev(wins, lr_dev, hr)), wins, hr)
+        return self._output_frame(self._refine_dev(wins, lr_dev, self._model_dev(wins, lr_dev, hr), hr), wins, hr)
 
-    def _refine_dev(self, lr_dev: tuple, out: torch.Tensor) -> torch.Tensor:
+    def _measured(self, raw: np.ndarray) -> np.ndarray:
+        """Raw LR frames (n, h, w) -> where they were measured and lie in the LR field (bool, n, h, w)."""
+        ok = self.calib.lr_measured(raw)
+        return ok if self._beam_inside is None else ok & self._beam_inside
+
+    def _refine_dev(self, wins, lr_dev: tuple, out: torch.Tensor, hr: dict) -> torch.Tensor:
         """The model-frame output after the LR refinement (:mod:`xvr_batch.refine`), or itself when it is off."""
         if not self._refine:
             return out
         from xvr_batch.refine import lr_refine
 
         with torch.inference_mode():
-            return lr_refine(out, lr_dev[0], self._cons_sigma, self._cons_slots, self.cfg.scale,
-                             inside=self._cons_inside)
+            if self._residual:
+                out = lr_refine(out, lr_dev[0], self._cons_sigma, self._cons_slots, self.cfg.scale,
+                                inside=self._cons_inside)
+            if self._beam:
+                out = self._beam_dev(wins, lr_dev[0], out, hr)
+            return out
+
+    def _beam_dev(self, wins, lr: torch.Tensor, out: torch.Tensor, hr: dict) -> torch.Tensor:
+        """Each output frame scaled by the beam's change since its key frames (:func:`xvr_batch.refine.beam_gains`)."""
+        from xvr_batch.refine import apply_gains, beam_gains
+
+        lo, span = self._lo_span
+        s = self.cfg.scale
+        b, n, hh, ww = out.shape
+        out_t = torch.nn.functional.avg_pool2d(out.reshape(b * n, 1, hh, ww), s).view(b, n, hh // s, ww // s)
+        out_t = out_t * span + lo
+        lr_t = lr.to(out.dtype) * span + lo
+        ok = torch.from_numpy(hr["measured"]).to(out.device)
+        gains = torch.ones(b, n, dtype=torch.float64)
+        for i, w_ in enumerate(wins):
+            k0, k1 = w_.keys
+            t0, t1 = self._hr_index[k0], self._hr_index[k1]
+            key_t = torch.stack([self._key_binned(k0, hr), self._key_binned(k1, hr)]).to(out.dtype) * span + lo
+            key_lr = torch.from_numpy(np.stack([hr[("key_lr", k0)][0], hr[("key_lr", k1)][0]])).to(out.device)
+            key_ok = torch.from_numpy(np.stack([hr[("key_lr", k0)][1], hr[("key_lr", k1)][1]])).to(out.device)
+            key_lr = key_lr.to(out.dtype) * span + lo
+            for j in range(n):
+                slot = self._cons_slots[j]
+                t = w_.frames[slot]
+                wt = 0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0)))
+                gains[i, j] = beam_gains(out_t[i, j], lr_t[i, slot], ok[i, slot], key_t, key_lr, key_ok, wt)
+        return apply_gains(out, gains.to(out.device), lo, span)
 
     def _output_frame(self, out: torch.Tensor, wins, hr: dict) -> torch.Tensor:
         """Model-frame output (B, n_out, s h, s w) -> the HR camera's frame (B, n_out, H, W): itself, or with a
@@ -839,7 +894,7 @@ class UnitRunner:
                     b, wins, lr_dev, hr = nxt
                     t0 = time.perf_counter()
                     out_m = self._model_dev(wins, lr_dev, hr)
-                    host, ev = self._to_host(self._output_frame(self._refine_dev(lr_dev, out_m), wins, hr))
+                    host, ev = self._to_host(self._output_frame(self._refine_dev(wins, lr_dev, out_m, hr), wins, hr))
                     self._add("compute", time.perf_counter() - t0)
                     t1 = time.perf_counter()
                     c_dev = self._consistency_dev(lr_dev, out_m)

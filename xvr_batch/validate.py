@@ -116,6 +116,11 @@ class KeyInputs:
     slot: int
     frames: tuple[int, ...] = ()  # the LR frame numbers of ``lr``
     times: tuple[int, int] = (0, 0)  # the frame numbers of the two bracket keys
+    #: for the beam step of the refinement (:func:`xvr_batch.refine.beam_gains`): where ``lr`` was measured
+    #: (NL, h, w), the model-space LR frames at the two bracket keys' times and where they were (2, h, w)
+    measured: np.ndarray | None = None
+    key_lr: np.ndarray | None = None
+    key_measured: np.ndarray | None = None
 
 def seen_rectangle(inside: np.ndarray) -> tuple[slice, slice]:
     """The rows and columns of a large rectangle that lies wholly in the boolean mask ``inside`` (greedy:
@@ -229,10 +234,20 @@ class ValidationContext:
         and the two bracket keys only, so no other key reaches the model."""
         kp, kn = bracket or (k - 1, k + 1)
         frames, slot = key_window(self.hr_index, k, num_lr, self.raw.n_frames, head, start)
-        lr = self.lr_model(frames, keys=(kp, kn))
+        times = (int(self.hr_index[kp]), int(self.hr_index[kn]))
+        raw = self.archive.read_lr_at(list(frames))
+        lr = self.calib.lr_to_model(raw, frames=list(frames), keys=(kp, kn))
+        raw_keys = self.archive.read_lr_at(list(times))
+        key_lr = self.calib.lr_to_model(raw_keys, frames=list(times), keys=(kp, kn))
         keys = np.stack([self.hr_model(kp), self.hr_model(kn)])
         return KeyInputs(int(k), int(self.hr_index[k]), (int(kp), int(kn)), lr, keys, slot,
-                         tuple(int(f) for f in frames), (int(self.hr_index[kp]), int(self.hr_index[kn])))
+                         tuple(int(f) for f in frames), times, self._measured(raw), key_lr, self._measured(raw_keys))
+
+    def _measured(self, raw: np.ndarray) -> np.ndarray:
+        """Where raw LR frames were measured and lie in the LR field, as ``reconstruct`` takes it."""
+        ok = self.calib.lr_measured(raw)
+        inside = getattr(self.archive, "lr_inside", None)
+        return ok if inside is None or np.asarray(inside).all() else ok & np.asarray(inside, bool)
 
 def _resolve_model(weights: Any) -> tuple[Any, dict]:
     """``(model, record)`` from None / a name / a path (:func:`~xvr_batch.weights.resolve_weights`), a
@@ -252,11 +267,12 @@ def _resolve_model(weights: Any) -> tuple[Any, dict]:
 
 @torch.no_grad()
 def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "cpu", batch: int = 4,
-              sigma: float | None = None) -> list[np.ndarray]:
+              sigma: float | None = None, transmission: tuple[float, float] | None = None) -> list[np.ndarray]:
     """Model-space output frame (H, W) at each item's slot, as ``UnitRunner._compute_dev`` computes it; with the
     archive's consistency ``sigma``, with the LR denoising and refinement of ``reconstruct --refine lr``
-    (:mod:`xvr_batch.refine`)."""
-    from xvr_batch.refine import lr_denoise, lr_refine
+    (:mod:`xvr_batch.refine`), and with ``transmission`` (``Calibration.transmission``) and items that carry their
+    masks, its beam step."""
+    from xvr_batch.refine import apply_gains, beam_gains, lr_denoise, lr_refine
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -290,11 +306,33 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
             if sigma is not None:
                 slots = list(range(model.cfg.num_lr)) if model.cfg.head == "all" else [model.cfg.num_lr // 2]
                 y = lr_refine(y, measured, sigma, slots, s)
+                if transmission is not None and all(c.measured is not None for c in chunk):
+                    y = _beam(y, measured, chunk, slots, s, transmission, beam_gains, apply_gains)
             for i, c in enumerate(chunk):
                 outs.append(y[i, c.slot if model.cfg.head == "all" else 0].cpu().numpy())
     finally:
         model.train(was_training)
     return outs
+
+def _beam(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], slots: Sequence[int], s: int,
+          transmission: tuple[float, float], beam_gains, apply_gains) -> torch.Tensor:
+    """The beam step of ``reconstruct --refine lr`` on each item's own output slot."""
+    lo, span = transmission
+    dev = y.device
+    gains = torch.ones(y.shape[:2], dtype=torch.float64)
+    for i, c in enumerate(chunk):
+        j = c.slot if len(slots) > 1 else 0
+        slot = slots[j]
+        t, (t0, t1) = c.frames[slot], c.times
+        wt = 0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0)))
+        out_t = torch.nn.functional.avg_pool2d(y[i, j][None, None], s)[0, 0] * span + lo
+        key_t = torch.nn.functional.avg_pool2d(torch.from_numpy(np.ascontiguousarray(c.keys)).to(dev)[:, None],
+                                               s)[:, 0] * span + lo
+        gains[i, j] = beam_gains(out_t, measured[i, slot] * span + lo, torch.from_numpy(c.measured[slot]).to(dev),
+                                 key_t, torch.from_numpy(c.key_lr).to(dev) * span + lo,
+                                 torch.from_numpy(c.key_measured).to(dev), wt)
+    return apply_gains(y, gains.to(dev), lo, span)
+
 
 def score_keys(ctx: ValidationContext, model, keys: Sequence[int], device: str | torch.device = "cpu",
                batch: int = 4, progress: bool = False, keep_images: bool = False,
@@ -312,7 +350,8 @@ def score_keys(ctx: ValidationContext, model, keys: Sequence[int], device: str |
     try:
         for b0 in range(0, len(items), max(1, batch)):
             chunk = items[b0:b0 + batch]
-            outs = run_model(model, chunk, device, batch, sigma=ctx.sigma if refine == "lr" else None)
+            outs = run_model(model, chunk, device, batch, sigma=ctx.sigma if refine == "lr" else None,
+                             transmission=ctx.calib.transmission if refine == "lr" else None)
             for item, out in zip(chunk, outs):
                 k, t = item.key, item.frame
                 truth = ctx.archive.read_hr(k)[ctx.crop]
