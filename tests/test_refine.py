@@ -132,11 +132,11 @@ def test_beam_gain_follows_a_flicker_and_ignores_a_static_bias():
     scene, keys, key_lr, lr, ok = _beam_scene(gain=1.04)
     key_ok = torch.stack([ok, ok])
     g = beam_gains(scene, lr, ok, keys, key_lr, key_ok, 0.5)  # the output built from the keys: the keys' beam
-    assert abs(g - 1.04) < 0.006, g
+    assert abs(float(g) - 1.04) < 0.006, g
     # no flicker: the static 7 % disagreement between the cameras is not mistaken for one
     scene, keys, key_lr, lr, ok = _beam_scene(gain=1.0, seed=4)
     g = beam_gains(scene, lr, ok, keys, key_lr, key_ok, 0.3)
-    assert abs(g - 1.0) < 0.002, g
+    assert abs(float(g) - 1.0) < 0.002, g
 
 
 def test_beam_gain_leaves_noise_alone_and_skips_unmeasured_pixels():
@@ -146,17 +146,36 @@ def test_beam_gain_leaves_noise_alone_and_skips_unmeasured_pixels():
     gains = []
     for seed in range(20):
         scene, keys, key_lr, lr, ok = _beam_scene(gain=1.0, sigma=0.05, seed=seed)
-        gains.append(beam_gains(scene, lr, ok, keys, key_lr, torch.stack([ok, ok]), 0.5))
+        gains.append(float(beam_gains(scene, lr, ok, keys, key_lr, torch.stack([ok, ok]), 0.5)))
     assert sum(g == 1.0 for g in gains) >= 15 and max(abs(g - 1.0) for g in gains) < 0.02, gains
     # clipped pixels (marked unmeasured) that read far too dark do not bend the estimate
     scene, keys, key_lr, lr, ok = _beam_scene(gain=1.05, seed=7)
     lr[:, :10] = 0.2
     ok[:, :10] = False
-    assert abs(beam_gains(scene, lr, ok, keys, key_lr, torch.stack([ok, ok]), 0.5) - 1.05) < 0.008
+    assert abs(float(beam_gains(scene, lr, ok, keys, key_lr, torch.stack([ok, ok]), 0.5)) - 1.05) < 0.008
     # too few measured pixels: no gain at all
     few = torch.zeros_like(ok)
     few.view(-1)[:BEAM_MIN_PIXELS - 1] = True
-    assert beam_gains(scene, lr, few, keys, key_lr, torch.stack([few, few]), 0.5) == 1.0
+    assert float(beam_gains(scene, lr, few, keys, key_lr, torch.stack([few, few]), 0.5)) == 1.0
+
+
+def test_beam_gains_of_a_batch_are_those_of_each_frame_alone():
+    """Byte identity across batches rests on this: a frame's gain does not depend on the frames beside it."""
+    from xvr_batch.refine import beam_gains
+
+    frames = [_beam_scene(gain=g, sigma=0.02, seed=10 + i) for i, g in enumerate((1.0, 1.03, 0.96, 1.08))]
+    frames[2][4][:, :20] = False  # one frame with few measured pixels left
+    frames[3][4][:] = False  # and one with none
+    args = [torch.stack([f[k] for f in frames]) for k in (0, 3, 4)]  # out, lr, ok
+    keys = torch.stack([f[1] for f in frames])
+    key_lr = torch.stack([f[2] for f in frames])
+    key_ok = torch.stack([torch.stack([f[4], f[4]]) for f in frames])
+    weights = torch.tensor([0.1, 0.5, 0.9, 0.5], dtype=torch.float64)
+    batch = beam_gains(args[0], args[1], args[2], keys, key_lr, key_ok, weights)
+    alone = [beam_gains(args[0][i], args[1][i], args[2][i], keys[i], key_lr[i], key_ok[i], float(weights[i]))
+             for i in range(4)]
+    assert torch.equal(batch, torch.stack(alone))
+    assert float(batch[3]) == 1.0 and abs(float(batch[1]) - 1.03) < 0.01
 
 
 def test_apply_gains_scales_the_intensity_not_the_model_units():

@@ -694,30 +694,35 @@ class UnitRunner:
             return out
 
     def _beam_dev(self, wins, lr: torch.Tensor, out: torch.Tensor, hr: dict) -> torch.Tensor:
-        """Each output frame scaled by the beam's change since its key frames (:func:`xvr_batch.refine.beam_gains`)."""
+        """Each output frame scaled by the beam's change since its key frames (:func:`xvr_batch.refine.beam_gains`,
+        all frames of the batch at once, on the device)."""
         from xvr_batch.refine import apply_gains, beam_gains
 
         lo, span = self._lo_span
         s = self.cfg.scale
         b, n, hh, ww = out.shape
-        out_t = torch.nn.functional.avg_pool2d(out.reshape(b * n, 1, hh, ww), s).view(b, n, hh // s, ww // s)
-        out_t = out_t * span + lo
-        lr_t = lr.to(out.dtype) * span + lo
-        ok = torch.from_numpy(hr["measured"]).to(out.device)
-        gains = torch.ones(b, n, dtype=torch.float64)
-        for i, w_ in enumerate(wins):
+        dev = out.device
+        out_t = torch.nn.functional.avg_pool2d(out.reshape(b * n, 1, hh, ww), s).view(b * n, hh // s, ww // s)
+        slots = [self._cons_slots[j] for j in range(n)]
+        lr_t = lr[:, slots].reshape(b * n, hh // s, ww // s)
+        ok = torch.from_numpy(hr["measured"]).to(dev)[:, slots].reshape(b * n, hh // s, ww // s)
+        key_t, key_lr, key_ok, weights = [], [], [], []
+        for w_ in wins:
             k0, k1 = w_.keys
             t0, t1 = self._hr_index[k0], self._hr_index[k1]
-            key_t = torch.stack([self._key_binned(k0, hr), self._key_binned(k1, hr)]).to(out.dtype) * span + lo
-            key_lr = torch.from_numpy(np.stack([hr[("key_lr", k0)][0], hr[("key_lr", k1)][0]])).to(out.device)
-            key_ok = torch.from_numpy(np.stack([hr[("key_lr", k0)][1], hr[("key_lr", k1)][1]])).to(out.device)
-            key_lr = key_lr.to(out.dtype) * span + lo
-            for j in range(n):
-                slot = self._cons_slots[j]
+            pair = torch.stack([self._key_binned(k0, hr), self._key_binned(k1, hr)])
+            lrs = torch.from_numpy(np.stack([hr[("key_lr", k0)][0], hr[("key_lr", k1)][0]])).to(dev)
+            oks = torch.from_numpy(np.stack([hr[("key_lr", k0)][1], hr[("key_lr", k1)][1]])).to(dev)
+            for slot in slots:
                 t = w_.frames[slot]
-                wt = 0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0)))
-                gains[i, j] = beam_gains(out_t[i, j], lr_t[i, slot], ok[i, slot], key_t, key_lr, key_ok, wt)
-        return apply_gains(out, gains.to(out.device), lo, span)
+                weights.append(0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0))))
+                key_t.append(pair)
+                key_lr.append(lrs)
+                key_ok.append(oks)
+        gains = beam_gains(out_t * span + lo, lr_t.to(out.dtype) * span + lo, ok,
+                           torch.stack(key_t).to(out.dtype) * span + lo, torch.stack(key_lr).to(out.dtype) * span + lo,
+                           torch.stack(key_ok), torch.tensor(weights, dtype=torch.float64, device=dev))
+        return apply_gains(out, gains.view(b, n), lo, span)
 
     def _output_frame(self, out: torch.Tensor, wins, hr: dict) -> torch.Tensor:
         """Model-frame output (B, n_out, s h, s w) -> the HR camera's frame (B, n_out, H, W): itself, or with a

@@ -153,45 +153,53 @@ def lr_refine(out: torch.Tensor, lr: torch.Tensor, sigma: float, slots: Sequence
     return out + weight[:, :, None, None] * up.view(b, n, hh, ww)
 
 
-def beam_ratio(num: torch.Tensor, den: torch.Tensor, ok: torch.Tensor) -> tuple[float, float] | None:
-    """``num``, ``den`` (h, w) intensities, ``ok`` (h, w) bool -> ``(median of num / den, its standard error)``
-    over the ``ok`` pixels where ``den`` is at least its lower quartile (and positive); None with fewer than
-    :data:`BEAM_MIN_PIXELS` such pixels."""
-    vals = den[ok]
-    if vals.numel() < BEAM_MIN_PIXELS:
-        return None
-    floor = max(float(torch.quantile(vals.double(), 0.25)), 1e-6)
-    sel = ok & (den >= floor)
-    n = int(sel.sum())
-    if n < BEAM_MIN_PIXELS:
-        return None
-    r = (num[sel] / den[sel]).double()
-    m = float(r.median())
-    se = 1.4826 * 1.2533 * float((r - m).abs().median()) / math.sqrt(n)
-    return m, se
+def beam_ratio(num: torch.Tensor, den: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num``, ``den`` (F, P) intensities, ``ok`` (F, P) bool -> per row ``(median of num / den, its standard
+    error)`` over the ``ok`` pixels where ``den`` is at least the row's lower quartile of ``den`` (and positive);
+    NaN for a row with fewer than :data:`BEAM_MIN_PIXELS` such pixels. Row by row with NaN for what is left out,
+    so each row's numbers do not depend on the others (no host synchronisation either)."""
+    num, den = num.double(), den.double()
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=den.device)
+    floor = torch.nanquantile(torch.where(ok, den, nan), 0.25, dim=1, keepdim=True).clamp_min(1e-6)
+    sel = ok & (den >= floor)  # a NaN floor (no ok pixel) selects nothing
+    n = sel.sum(dim=1)
+    r = torch.where(sel, num / den, nan)
+    m = torch.nanmedian(r, dim=1, keepdim=True).values
+    mad = torch.nanmedian((r - m).abs(), dim=1).values
+    se = 1.4826 * 1.2533 * mad / n.clamp_min(1).double().sqrt()
+    few = n < BEAM_MIN_PIXELS
+    return torch.where(few, nan, m[:, 0]), torch.where(few, nan, se)
 
 
 def beam_gains(out_binned: torch.Tensor, lr: torch.Tensor, ok: torch.Tensor, key_binned: torch.Tensor,
-               key_lr: torch.Tensor, key_ok: torch.Tensor, weight: float, z2: float = BEAM_Z2) -> float:
-    """One output frame's beam gain (see "Beam intensity" above), everything in flat-fielded intensity:
-    ``out_binned`` (h, w) the output binned to the LR grid, ``lr``/``ok`` (h, w) its LR frame and where that was
-    measured, ``key_binned``/``key_lr``/``key_ok`` (2, h, w) the same for the two key frames and the LR frames at
-    their times, ``weight`` the frame's time weight between them. 1.0 where it cannot be measured."""
-    both = ok & key_ok[0] & key_ok[1]
-    t = beam_ratio(lr, out_binned, both)
-    k0 = beam_ratio(key_lr[0], key_binned[0], both)
-    k1 = beam_ratio(key_lr[1], key_binned[1], both)
-    if t is None or k0 is None or k1 is None:
-        return 1.0
-    ref = (1.0 - weight) * k0[0] + weight * k1[0]
-    if not (t[0] > 0.0 and ref > 0.0):
-        return 1.0
-    g = t[0] / ref
-    se2 = (t[1] / t[0]) ** 2 + (((1.0 - weight) * k0[1]) ** 2 + (weight * k1[1]) ** 2) / ref ** 2
+               key_lr: torch.Tensor, key_ok: torch.Tensor, weight: torch.Tensor | float,
+               z2: float = BEAM_Z2) -> torch.Tensor:
+    """Output frames' beam gains (see "Beam intensity" above), everything in flat-fielded intensity, for F frames:
+    ``out_binned`` (F, h, w) the outputs binned to the LR grid, ``lr``/``ok`` (F, h, w) their LR frames and where
+    those were measured, ``key_binned``/``key_lr``/``key_ok`` (F, 2, h, w) the same for each frame's two key
+    frames and the LR frames at their times, ``weight`` (F,) each frame's time weight between its keys
+    -> (F,) float64 gains, 1 where a gain cannot be measured. Unbatched (h, w) / (2, h, w) inputs and a float
+    weight give a 0-d tensor."""
+    single = out_binned.dim() == 2
+    if single:
+        out_binned, lr, ok = out_binned[None], lr[None], ok[None]
+        key_binned, key_lr, key_ok = key_binned[None], key_lr[None], key_ok[None]
+    f = out_binned.shape[0]
+    w = torch.as_tensor(weight, dtype=torch.float64, device=out_binned.device).reshape(-1).expand(f)
+    both = (ok & key_ok[:, 0] & key_ok[:, 1]).reshape(f, -1)
+    flat = (lambda x: x.reshape(f, -1))
+    mt, st = beam_ratio(flat(lr), flat(out_binned), both)
+    m0, s0 = beam_ratio(flat(key_lr[:, 0]), flat(key_binned[:, 0]), both)
+    m1, s1 = beam_ratio(flat(key_lr[:, 1]), flat(key_binned[:, 1]), both)
+    ref = (1.0 - w) * m0 + w * m1
+    g = mt / ref
+    se2 = (st / mt) ** 2 + (((1.0 - w) * s0) ** 2 + (w * s1) ** 2) / ref ** 2
     dg = g - 1.0
-    if not math.isfinite(dg) or dg == 0.0:
-        return 1.0
-    return 1.0 + dg * max(0.0, 1.0 - z2 * se2 / (dg * dg))
+    shrink = (1.0 - z2 * se2 / (dg * dg)).clamp_min(0.0)
+    out = 1.0 + dg * shrink
+    usable = torch.isfinite(out) & (mt > 0) & (ref > 0) & (dg != 0)
+    out = torch.where(usable, out, torch.ones_like(out))
+    return out[0] if single else out
 
 
 def apply_gains(out: torch.Tensor, gains: torch.Tensor, lo: float, span: float) -> torch.Tensor:

@@ -328,9 +328,10 @@ def _beam(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], s
         out_t = torch.nn.functional.avg_pool2d(y[i, j][None, None], s)[0, 0] * span + lo
         key_t = torch.nn.functional.avg_pool2d(torch.from_numpy(np.ascontiguousarray(c.keys)).to(dev)[:, None],
                                                s)[:, 0] * span + lo
-        gains[i, j] = beam_gains(out_t, measured[i, slot] * span + lo, torch.from_numpy(c.measured[slot]).to(dev),
-                                 key_t, torch.from_numpy(c.key_lr).to(dev) * span + lo,
-                                 torch.from_numpy(c.key_measured).to(dev), wt)
+        gains[i, j] = float(beam_gains(out_t, measured[i, slot] * span + lo,
+                                       torch.from_numpy(c.measured[slot]).to(dev), key_t,
+                                       torch.from_numpy(c.key_lr).to(dev) * span + lo,
+                                       torch.from_numpy(c.key_measured).to(dev), wt))
     return apply_gains(y, gains.to(dev), lo, span)
 
 
