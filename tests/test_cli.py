@@ -270,3 +270,36 @@ def test_score_weights_example_scores_against_the_baselines(tmp_path):
     assert abs(res["mean_margin_db"] - sum(r["margin_db"] for r in res["rows"]) / 2) < 1e-9
     assert "mean_margin_db_seen_families" not in res  # families are unknown for --archives
     assert "mean margin over all 2 archives" in r.stdout
+
+
+def test_interpolate_weights_example(tmp_path, tiny_weights):
+    """examples/interpolate_weights.py: (1 - alpha) * BASE + alpha * TUNED, both ends exact, provenance in meta;
+    a checkpoint of another model is refused with one line and exit 2."""
+    import torch
+
+    from xvr_batch.model import SwinXVR, load_checkpoint, preset, save_checkpoint
+
+    torch.manual_seed(5)
+    tuned = tmp_path / "tuned.pt"
+    save_checkpoint(tuned, SwinXVR(preset("tiny", window=4)).eval())
+    script = str(REPO / "examples/interpolate_weights.py")
+    sd = {}
+    for alpha in ("0", "0.25", "1"):
+        out = tmp_path / f"mix{alpha}.pt"
+        r = subprocess.run([sys.executable, script, str(tiny_weights), str(tuned), "--alpha", alpha, "-o", str(out)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        model, ckpt = load_checkpoint(out)
+        sd[alpha] = model.state_dict()
+        assert ckpt["meta"]["kind"] == "interpolation" and ckpt["meta"]["alpha"] == float(alpha)
+    base_sd = load_checkpoint(tiny_weights)[0].state_dict()
+    tuned_sd = load_checkpoint(tuned)[0].state_dict()
+    name = next(k for k, v in base_sd.items() if v.is_floating_point() and v.numel() > 1)
+    assert torch.equal(sd["0"][name], base_sd[name]) and torch.equal(sd["1"][name], tuned_sd[name])
+    assert torch.allclose(sd["0.25"][name], 0.75 * base_sd[name] + 0.25 * tuned_sd[name], atol=1e-6)
+    torch.manual_seed(6)
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, SwinXVR(preset("tiny", window=4, head="centre")).eval())
+    r = subprocess.run([sys.executable, script, str(tiny_weights), str(other), "--alpha", "0.5", "-o",
+                        str(tmp_path / "bad.pt")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "different models" in r.stderr and not (tmp_path / "bad.pt").exists()
