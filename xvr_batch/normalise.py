@@ -28,7 +28,7 @@ FIT_BLOCK = 4
 MAX_FIT_KEYS = 32
 EPS = 1e-6
 
-__all__ = ["Normalisation", "NormalisationError", "Calibration", "fit_normalisation"]
+__all__ = ["Normalisation", "NormalisationError", "Calibration", "fit_normalisation", "time_weight"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,11 @@ def _refuse(source: str, advice: str, what: str) -> NoReturn:
     raise NormalisationError(f"{source}: {what}; {advice}")
 
 
+def time_weight(t: int, t0: int, t1: int) -> float:
+    """Weight of the later key (at ``t1``) in the time blend of two key frames at frame ``t``, in [0, 1]."""
+    return 0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0)))
+
+
 class Calibration:
     """Per-pixel darks and flats of both cameras (averaged), and the fitted :class:`Normalisation`.
 
@@ -162,14 +167,17 @@ class Calibration:
             self._repair_lr(np.asarray(lr), x, frames, keys, bracket)
         return x
 
-    def lr_measured(self, raw: np.ndarray) -> np.ndarray:
+    def lr_measured(self, raw: np.ndarray, inside: np.ndarray | None = None) -> np.ndarray:
         """Raw LR frames ``(..., h, w)`` -> a boolean map, True where the camera measured the pixel: not clipped,
-        not defective, with a usable flat (the pixels :meth:`lr_to_model` leaves as read)."""
+        not defective, with a usable flat (the pixels :meth:`lr_to_model` leaves as read), and inside the LR
+        field where ``inside`` (an (h, w) mask, e.g. a registered archive's ``lr_inside``) is given."""
         raw = np.asarray(raw)
         cam = self._cams["lr"]
         ok = raw < cam.level if cam.level is not None else np.ones(raw.shape, bool)
         bad = cam.static_bad
-        return ok & ~bad if bad is not None else ok
+        if bad is not None:
+            ok &= ~bad
+        return ok if inside is None else ok & np.asarray(inside, bool)
 
     @property
     def transmission(self) -> tuple[float, float]:
@@ -200,7 +208,7 @@ class Calibration:
         the LR grid."""
         if bracket is not None:
             t0, h0, t1, h1 = bracket
-            w = 0.0 if t1 == t0 else min(max((t - t0) / (t1 - t0), 0.0), 1.0)
+            w = time_weight(t, t0, t1)
             return ((1.0 - w) * bin_mean(h0, self._scale) + w * bin_mean(h1, self._scale)).astype(np.float32)
         idx = np.asarray(self._archive.hr_index)
         allowed = list(range(len(idx))) if keys is None else sorted(int(k) for k in keys)
@@ -208,7 +216,7 @@ class Calibration:
         j = int(np.searchsorted(times, t, side="right"))
         k0, k1 = allowed[max(j - 1, 0)], allowed[min(j, len(allowed) - 1)]
         t0, t1 = int(idx[k0]), int(idx[k1])
-        w = 0.0 if t1 == t0 else min(max((t - t0) / (t1 - t0), 0.0), 1.0)
+        w = time_weight(t, t0, t1)
         a, b = self._key_model_lr(k0), self._key_model_lr(k1)
         return ((1.0 - w) * a + w * b).astype(np.float32)
 

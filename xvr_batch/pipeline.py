@@ -31,7 +31,7 @@ from xvr_batch.io.archive import Archive, ArchivePaths
 from xvr_batch.io.output import stitch_output
 from xvr_batch.io.parts import StreamingPart
 from xvr_batch.model.tiling import tiled_run
-from xvr_batch.normalise import Calibration, Normalisation, fit_normalisation
+from xvr_batch.normalise import Calibration, Normalisation, fit_normalisation, time_weight
 from xvr_batch.plan import Plan, Unit, batch_windows, make_plan
 from xvr_batch.weights import ResolvedWeights, resolve_weights
 from xvr_batch.consistency import PART_DATASET as CONSISTENCY_DATASET, check_record as check_consistency_record
@@ -131,9 +131,9 @@ class Options:
 
 
 def output_affecting(opts: Options, device_type: str, precision: str) -> dict:
+    """The settings that change output bytes; their hash guards resume against a mix of settings."""
     from xvr_batch.refine import REFINE_STEPS
 
-    """The settings that change output bytes; their hash guards resume against a mix of settings."""
     return {"batch": opts.batch, "tile": opts.tile, "tile_overlap": opts.tile_overlap, "dtype": opts.dtype,
             "device_type": device_type, "precision": precision, "unit_frames": opts.unit_frames,
             "attention": opts.attention, "compile": bool(opts.compile), "refine": opts.refine,
@@ -488,10 +488,9 @@ class UnitRunner:
         steps = self.settings.get("refine_steps", ["denoise", "residual"]) if self._refine else []
         self._denoise = "denoise" in steps and needs_denoise(self._cons_sigma)
         self._residual = "residual" in steps
-        #: beam step: the LR field's mask (registered archives) and the flat-fielded intensity of model space
+        #: beam step, and the LR field's mask it measures in (registered archives; the reader thread's numpy copy)
         self._beam = "beam" in steps
         self._beam_inside = None if inside is None or np.asarray(inside).all() else np.asarray(inside, bool)
-        self._lo_span = self.calib.transmission
 
     def _add(self, stage: str, seconds: float) -> None:
         with self._stats_lock:
@@ -523,14 +522,8 @@ class UnitRunner:
         hr = {}  # key number -> model-space key frame (in the model's frame); ("native", k) -> the HR camera's;
         # beam step: "measured" -> (B, NL, h, w) bool, ("key_lr", k) -> the LR frame at key k's time and its mask
         if self._beam:
-            ok_all = self._measured(raw)
+            ok_all = self.calib.lr_measured(raw, self._beam_inside)
             hr["measured"] = np.stack([ok_all[[pos[f] for f in w.frames]] for w in wins])
-            for k in sorted({k for w in wins for k in w.keys}):
-                if ("key_lr", k) not in hr_cache:
-                    t = self._hr_index[k]
-                    raw_k = self.archive.read_lr_at([t])
-                    hr_cache[("key_lr", k)] = (self.calib.lr_to_model(raw_k, frames=[t])[0], self._measured(raw_k)[0])
-                hr[("key_lr", k)] = hr_cache[("key_lr", k)]
         for k in sorted({k for w in wins for k in w.keys}):
             if k not in hr_cache:
                 hr_cache[k] = self.calib.hr_to_model(self.archive.read_hr(k))
@@ -541,6 +534,13 @@ class UnitRunner:
             hr[k] = hr_cache[k]
             if self._fill is not None:
                 hr[("native", k)] = hr_cache[("native", k)]
+            if self._beam:
+                if ("key_lr", k) not in hr_cache:
+                    t = self._hr_index[k]
+                    raw_k = self.archive.read_lr_at([t])
+                    hr_cache[("key_lr", k)] = (self.calib.lr_to_model(raw_k, frames=[t])[0],
+                                               self.calib.lr_measured(raw_k, self._beam_inside)[0])
+                hr[("key_lr", k)] = hr_cache[("key_lr", k)]
         return b, wins, lr, hr
 
     def _prefetch(self, b0: int, b1: int) -> Iterator[tuple]:
@@ -629,7 +629,7 @@ class UnitRunner:
             t0, t1 = self._hr_index[k0], self._hr_index[k1]
             a, b = self._key_binned(k0, hr), self._key_binned(k1, hr)
             for j, t in enumerate(w_.frames):
-                wt = 0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0)))
+                wt = time_weight(t, t0, t1)
                 blend[i, j] = a * (1.0 - wt) + b * wt
         return lr_denoise(lr_in, blend, self._cons_sigma)
 
@@ -674,11 +674,6 @@ class UnitRunner:
         """The model on one staged batch, in the output's frame (see :meth:`_output_frame`)."""
         return self._output_frame(self._refine_dev(wins, lr_dev, self._model_dev(wins, lr_dev, hr), hr), wins, hr)
 
-    def _measured(self, raw: np.ndarray) -> np.ndarray:
-        """Raw LR frames (n, h, w) -> where they were measured and lie in the LR field (bool, n, h, w)."""
-        ok = self.calib.lr_measured(raw)
-        return ok if self._beam_inside is None else ok & self._beam_inside
-
     def _refine_dev(self, wins, lr_dev: tuple, out: torch.Tensor, hr: dict) -> torch.Tensor:
         """The model-frame output after the LR refinement (:mod:`xvr_batch.refine`), or itself when it is off."""
         if not self._refine:
@@ -698,12 +693,12 @@ class UnitRunner:
         all frames of the batch at once, on the device)."""
         from xvr_batch.refine import apply_gains, beam_gains
 
-        lo, span = self._lo_span
+        lo, span = self.calib.transmission
         s = self.cfg.scale
         b, n, hh, ww = out.shape
         dev = out.device
         out_t = torch.nn.functional.avg_pool2d(out.reshape(b * n, 1, hh, ww), s).view(b * n, hh // s, ww // s)
-        slots = [self._cons_slots[j] for j in range(n)]
+        slots = self._cons_slots  # the LR frame of each output slot
         lr_t = lr[:, slots].reshape(b * n, hh // s, ww // s)
         ok = torch.from_numpy(hr["measured"]).to(dev)[:, slots].reshape(b * n, hh // s, ww // s)
         key_t, key_lr, key_ok, weights = [], [], [], []
@@ -715,7 +710,7 @@ class UnitRunner:
             oks = torch.from_numpy(np.stack([hr[("key_lr", k0)][1], hr[("key_lr", k1)][1]])).to(dev)
             for slot in slots:
                 t = w_.frames[slot]
-                weights.append(0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0))))
+                weights.append(time_weight(t, t0, t1))
                 key_t.append(pair)
                 key_lr.append(lrs)
                 key_ok.append(oks)
@@ -741,7 +736,7 @@ class UnitRunner:
                 a, b = self._key_native(k0, hr), self._key_native(k1, hr)
                 for t, slot in w_.emit:
                     j = slot if self.cfg.head == "all" else 0
-                    wt = 0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0)))
+                    wt = time_weight(t, t0, t1)
                     fill[i, j] = a * (1.0 - wt) + b * wt
             return torch.where(self._fill, fill, res)
 

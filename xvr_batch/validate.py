@@ -58,7 +58,7 @@ from xvr_batch.evaluate import (
     _ssim, _upsample, as_float, image_row, save_plot,
 )
 from xvr_batch.io.archive import Archive, ArchivePaths
-from xvr_batch.normalise import Calibration, fit_normalisation
+from xvr_batch.normalise import Calibration, fit_normalisation, time_weight
 from xvr_batch.plan import reflect
 
 __all__ = ["validate_archive", "ValidationContext", "KeySubset", "KeyInputs", "seen_rectangle", "interior_keys",
@@ -218,11 +218,6 @@ class ValidationContext:
             img = self._hr[k] = self.calib.hr_to_model(self.archive.read_hr(k))
         return img
 
-    def lr_model(self, frames: Sequence[int], keys: Sequence[int] | None = None) -> np.ndarray:
-        """Model-space LR frames (as recorded: a registered run works in the LR camera's frame). Clipped LR
-        readings are repaired from the key frames ``keys`` only (default all), so a hidden key never leaks in."""
-        return self.calib.lr_to_model(self.archive.read_lr_at(list(frames)), frames=list(frames), keys=keys)
-
     def hiding(self, hidden: Sequence[int]) -> KeySubset:
         """A view without the keys ``hidden``."""
         drop = {int(h) for h in hidden}
@@ -231,7 +226,10 @@ class ValidationContext:
     def inputs(self, k: int, num_lr: int, head: str, bracket: tuple[int, int] | None = None,
                start: int | None = None) -> KeyInputs:
         """The model inputs that reconstruct key ``k`` from ``bracket`` (default ``(k - 1, k + 1)``): LR frames
-        and the two bracket keys only, so no other key reaches the model."""
+        and the two bracket keys only, so no other key reaches the model. LR frames are model space as recorded
+        (a registered run works in the LR camera's frame), clipped readings repaired from the bracket keys only,
+        so a hidden key never leaks in; the masks and the LR frames at the bracket keys' times are for the beam
+        step."""
         kp, kn = bracket or (k - 1, k + 1)
         frames, slot = key_window(self.hr_index, k, num_lr, self.raw.n_frames, head, start)
         times = (int(self.hr_index[kp]), int(self.hr_index[kn]))
@@ -240,14 +238,10 @@ class ValidationContext:
         raw_keys = self.archive.read_lr_at(list(times))
         key_lr = self.calib.lr_to_model(raw_keys, frames=list(times), keys=(kp, kn))
         keys = np.stack([self.hr_model(kp), self.hr_model(kn)])
-        return KeyInputs(int(k), int(self.hr_index[k]), (int(kp), int(kn)), lr, keys, slot,
-                         tuple(int(f) for f in frames), times, self._measured(raw), key_lr, self._measured(raw_keys))
-
-    def _measured(self, raw: np.ndarray) -> np.ndarray:
-        """Where raw LR frames were measured and lie in the LR field, as ``reconstruct`` takes it."""
-        ok = self.calib.lr_measured(raw)
         inside = getattr(self.archive, "lr_inside", None)
-        return ok if inside is None or np.asarray(inside).all() else ok & np.asarray(inside, bool)
+        return KeyInputs(int(k), int(self.hr_index[k]), (int(kp), int(kn)), lr, keys, slot,
+                         tuple(int(f) for f in frames), times, self.calib.lr_measured(raw, inside), key_lr,
+                         self.calib.lr_measured(raw_keys, inside))
 
 def _resolve_model(weights: Any) -> tuple[Any, dict]:
     """``(model, record)`` from None / a name / a path (:func:`~xvr_batch.weights.resolve_weights`), a
@@ -272,7 +266,7 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
     archive's consistency ``sigma``, with the LR denoising and refinement of ``reconstruct --refine lr``
     (:mod:`xvr_batch.refine`), and with ``transmission`` (``Calibration.transmission``) and items that carry their
     masks, its beam step."""
-    from xvr_batch.refine import apply_gains, beam_gains, lr_denoise, lr_refine
+    from xvr_batch.refine import lr_denoise, lr_refine
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -291,7 +285,7 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
                     a, b = (torch.nn.functional.avg_pool2d(torch.from_numpy(np.ascontiguousarray(img)).to(device)[None, None],
                                                            s)[0, 0] for img in c.keys)
                     for j, t in enumerate(frames):
-                        wt = 0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0)))
+                        wt = time_weight(t, t0, t1)
                         blend[i, j] = a * (1.0 - wt) + b * wt
                 lr = lr_denoise(measured, blend, sigma)[:, :, None]
             with autocast:
@@ -307,7 +301,7 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
                 slots = list(range(model.cfg.num_lr)) if model.cfg.head == "all" else [model.cfg.num_lr // 2]
                 y = lr_refine(y, measured, sigma, slots, s)
                 if transmission is not None and all(c.measured is not None for c in chunk):
-                    y = _beam(y, measured, chunk, slots, s, transmission, beam_gains, apply_gains)
+                    y = _beam(y, measured, chunk, slots, s, transmission)
             for i, c in enumerate(chunk):
                 outs.append(y[i, c.slot if model.cfg.head == "all" else 0].cpu().numpy())
     finally:
@@ -315,24 +309,28 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
     return outs
 
 def _beam(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], slots: Sequence[int], s: int,
-          transmission: tuple[float, float], beam_gains, apply_gains) -> torch.Tensor:
-    """The beam step of ``reconstruct --refine lr`` on each item's own output slot."""
+          transmission: tuple[float, float]) -> torch.Tensor:
+    """The beam step of ``reconstruct --refine lr`` (:func:`xvr_batch.refine.beam_gains`) on each item's own output
+    slot; the other slots keep gain 1 (they are not read)."""
+    from xvr_batch.refine import apply_gains, beam_gains
+
     lo, span = transmission
     dev = y.device
-    gains = torch.ones(y.shape[:2], dtype=torch.float64)
-    for i, c in enumerate(chunk):
-        j = c.slot if len(slots) > 1 else 0
-        slot = slots[j]
-        t, (t0, t1) = c.frames[slot], c.times
-        wt = 0.0 if t1 == t0 else min(1.0, max(0.0, (t - t0) / (t1 - t0)))
-        out_t = torch.nn.functional.avg_pool2d(y[i, j][None, None], s)[0, 0] * span + lo
-        key_t = torch.nn.functional.avg_pool2d(torch.from_numpy(np.ascontiguousarray(c.keys)).to(dev)[:, None],
-                                               s)[:, 0] * span + lo
-        gains[i, j] = float(beam_gains(out_t, measured[i, slot] * span + lo,
-                                       torch.from_numpy(c.measured[slot]).to(dev), key_t,
-                                       torch.from_numpy(c.key_lr).to(dev) * span + lo,
-                                       torch.from_numpy(c.key_measured).to(dev), wt))
-    return apply_gains(y, gains.to(dev), lo, span)
+    js = [c.slot if len(slots) > 1 else 0 for c in chunk]  # each item's output slot
+    lrs = [slots[j] for j in js]  # and its LR frame
+    rows = torch.arange(len(chunk), device=dev)
+    out_t = torch.nn.functional.avg_pool2d(y[rows, js][:, None], s)[:, 0]  # B, h, w
+    keys = torch.from_numpy(np.stack([c.keys for c in chunk])).to(dev)  # B, 2, H, W
+    key_t = torch.nn.functional.avg_pool2d(keys, s)
+    weights = [time_weight(c.frames[lr_slot], *c.times) for c, lr_slot in zip(chunk, lrs)]
+    g = beam_gains(out_t * span + lo, measured[rows, lrs] * span + lo,
+                   torch.from_numpy(np.stack([c.measured[j] for c, j in zip(chunk, lrs)])).to(dev),
+                   key_t * span + lo, torch.from_numpy(np.stack([c.key_lr for c in chunk])).to(dev) * span + lo,
+                   torch.from_numpy(np.stack([c.key_measured for c in chunk])).to(dev),
+                   torch.tensor(weights, dtype=torch.float64, device=dev))
+    gains = torch.ones(y.shape[:2], dtype=torch.float64, device=dev)
+    gains[rows, js] = g
+    return apply_gains(y, gains, lo, span)
 
 
 def score_keys(ctx: ValidationContext, model, keys: Sequence[int], device: str | torch.device = "cpu",
