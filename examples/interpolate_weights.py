@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from xvr_batch.errors import UserError
 from xvr_batch.model.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 
 
@@ -27,8 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= a.alpha <= 1.0:
         print(f"error: --alpha {a.alpha}: must lie in [0, 1]", file=sys.stderr)
         return 2
-    base, cb = load_checkpoint(a.base)
-    tuned, ct = load_checkpoint(a.tuned)
+    try:
+        base, cb = load_checkpoint(a.base)
+        tuned, ct = load_checkpoint(a.tuned)
+    except UserError as exc:  # a missing, truncated or foreign file: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if base.cfg.to_dict() != tuned.cfg.to_dict():
         print(f"error: {a.base} and {a.tuned} are different models (configs differ); nothing to interpolate",
               file=sys.stderr)

@@ -303,3 +303,6 @@ def test_interpolate_weights_example(tmp_path, tiny_weights):
     r = subprocess.run([sys.executable, script, str(tiny_weights), str(other), "--alpha", "0.5", "-o",
                         str(tmp_path / "bad.pt")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "different models" in r.stderr and not (tmp_path / "bad.pt").exists()
+    r = subprocess.run([sys.executable, script, str(tmp_path / "missing.pt"), str(tuned), "--alpha", "0.5", "-o",
+                        str(tmp_path / "bad.pt")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
