@@ -243,14 +243,27 @@ class Calibration:
                 inpaint(img, dead)
         return x
 
-    def model_to_hr(self, y: np.ndarray) -> np.ndarray:
+    def model_to_hr(self, y: np.ndarray, camera_range: bool = False) -> np.ndarray:
+        """Model-space frames to HR counts (float32, a new array). ``camera_range``: limited to what the HR
+        camera can record (:attr:`hr_range`), as its own frames and a dense truth of them are."""
         x = y.astype(np.float32, copy=True)
         x *= self._span
         x += self._lo
         if self.hr_dark is not None:
             x /= self.hr_gain
             x += self.hr_dark
+        if camera_range:
+            lo, hi = self.hr_range
+            if lo is not None or hi is not None:
+                np.clip(x, lo, hi, out=x)
         return x
+
+    @property
+    def hr_range(self) -> tuple[float | None, float | None]:
+        """``(lowest, highest)`` reading the HR camera can make, None where unbounded: an integer camera reads
+        at least 0, and at most its clip level (its dtype's maximum, or a lower plateau of its flats)."""
+        dtype = np.dtype(getattr(self._archive, "hr_dtype", np.float32))
+        return (0.0 if dtype.kind in "ui" else None), self._cams["hr"].level
 
 
 @dataclass

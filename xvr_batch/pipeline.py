@@ -490,6 +490,7 @@ class UnitRunner:
         self._residual = "residual" in steps
         #: beam step, and the LR field's mask it measures in (registered archives; the reader thread's numpy copy)
         self._beam = "beam" in steps
+        self._blind = self._beam and "blind" in steps
         self._beam_inside = None if inside is None or np.asarray(inside).all() else np.asarray(inside, bool)
 
     def _add(self, stage: str, seconds: float) -> None:
@@ -714,10 +715,18 @@ class UnitRunner:
                 key_t.append(pair)
                 key_lr.append(lrs)
                 key_ok.append(oks)
-        gains = beam_gains(out_t * span + lo, lr_t.to(out.dtype) * span + lo, ok,
-                           torch.stack(key_t).to(out.dtype) * span + lo, torch.stack(key_lr).to(out.dtype) * span + lo,
-                           torch.stack(key_ok), torch.tensor(weights, dtype=torch.float64, device=dev))
-        return apply_gains(out, gains.view(b, n), lo, span)
+        key_t = torch.stack(key_t).to(out.dtype)
+        key_args = (key_t * span + lo, torch.stack(key_lr).to(out.dtype) * span + lo, torch.stack(key_ok),
+                    torch.tensor(weights, dtype=torch.float64, device=dev))
+        lr_i = lr_t.to(out.dtype) * span + lo
+        gains = beam_gains(out_t * span + lo, lr_i, ok, *key_args).view(b, n)
+        if not self._blind:
+            return apply_gains(out, gains, lo, span)
+        wt = key_args[3].to(out.dtype)[:, None, None]
+        blend = key_t[:, 0] * (1.0 - wt) + key_t[:, 1] * wt  # what the output is made of where the LR is blind
+        blind = beam_gains(blend * span + lo, lr_i, ok, *key_args, blind_of=out_t * span + lo,
+                           fallback=gains.reshape(-1)).view(b, n)
+        return apply_gains(out, gains, lo, span, blind, ~ok.view(b, n, hh // s, ww // s))
 
     def _output_frame(self, out: torch.Tensor, wins, hr: dict) -> torch.Tensor:
         """Model-frame output (B, n_out, s h, s w) -> the HR camera's frame (B, n_out, H, W): itself, or with a
@@ -796,7 +805,7 @@ class UnitRunner:
     # ---------------------------------------------------------------- one unit
     def _to_counts(self, frame: np.ndarray) -> np.ndarray:
         """A model-space output frame in HR camera counts, in the output dtype (codec threads)."""
-        hr_units = self.calib_out.model_to_hr(frame)  # a new float32 array: rounded and clipped in place
+        hr_units = self.calib_out.model_to_hr(frame, camera_range=True)  # a new float32 array
         if self.dtype == np.uint16:
             np.rint(hr_units, out=hr_units)
             np.clip(hr_units, 0, 65535, out=hr_units)

@@ -312,7 +312,7 @@ def _beam(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], s
           transmission: tuple[float, float]) -> torch.Tensor:
     """The beam step of ``reconstruct --refine lr`` (:func:`xvr_batch.refine.beam_gains`) on each item's own output
     slot; the other slots keep gain 1 (they are not read)."""
-    from xvr_batch.refine import apply_gains, beam_gains
+    from xvr_batch.refine import REFINE_STEPS, apply_gains, beam_gains
 
     lo, span = transmission
     dev = y.device
@@ -322,15 +322,24 @@ def _beam(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], s
     out_t = torch.nn.functional.avg_pool2d(y[rows, js][:, None], s)[:, 0]  # B, h, w
     keys = torch.from_numpy(np.stack([c.keys for c in chunk])).to(dev)  # B, 2, H, W
     key_t = torch.nn.functional.avg_pool2d(keys, s)
-    weights = [time_weight(c.frames[lr_slot], *c.times) for c, lr_slot in zip(chunk, lrs)]
-    g = beam_gains(out_t * span + lo, measured[rows, lrs] * span + lo,
-                   torch.from_numpy(np.stack([c.measured[j] for c, j in zip(chunk, lrs)])).to(dev),
-                   key_t * span + lo, torch.from_numpy(np.stack([c.key_lr for c in chunk])).to(dev) * span + lo,
-                   torch.from_numpy(np.stack([c.key_measured for c in chunk])).to(dev),
-                   torch.tensor(weights, dtype=torch.float64, device=dev))
+    weights = torch.tensor([time_weight(c.frames[lr_slot], *c.times) for c, lr_slot in zip(chunk, lrs)],
+                           dtype=torch.float64, device=dev)
+    lr_i = measured[rows, lrs] * span + lo
+    ok = torch.from_numpy(np.stack([c.measured[j] for c, j in zip(chunk, lrs)])).to(dev)
+    key_args = (key_t * span + lo, torch.from_numpy(np.stack([c.key_lr for c in chunk])).to(dev) * span + lo,
+                torch.from_numpy(np.stack([c.key_measured for c in chunk])).to(dev), weights)
     gains = torch.ones(y.shape[:2], dtype=torch.float64, device=dev)
-    gains[rows, js] = g
-    return apply_gains(y, gains, lo, span)
+    gains[rows, js] = beam_gains(out_t * span + lo, lr_i, ok, *key_args)
+    if "blind" not in REFINE_STEPS:
+        return apply_gains(y, gains, lo, span)
+    wt = weights.to(key_t.dtype)[:, None, None]
+    blend = key_t[:, 0] * (1.0 - wt) + key_t[:, 1] * wt
+    blind = torch.ones_like(gains)
+    blind[rows, js] = beam_gains(blend * span + lo, lr_i, ok, *key_args, blind_of=out_t * span + lo,
+                                 fallback=gains[rows, js])
+    mask = torch.zeros((*y.shape[:2], *ok.shape[-2:]), dtype=torch.bool, device=dev)
+    mask[rows, js] = ~ok
+    return apply_gains(y, gains, lo, span, blind, mask)
 
 
 def score_keys(ctx: ValidationContext, model, keys: Sequence[int], device: str | torch.device = "cpu",
@@ -357,7 +366,7 @@ def score_keys(ctx: ValidationContext, model, keys: Sequence[int], device: str |
                 rng = _frame_range(truth)
                 base = _Baselines(ctx.hiding([k]), ctx.norm)
                 lr_t = item.lr[item.slot] if cfg.head == "all" else item.lr[cfg.num_lr // 2]
-                imgs = {METHOD: ctx.calib.model_to_hr(out), "key_blend": base.key_blend(t),
+                imgs = {METHOD: ctx.calib.model_to_hr(out, camera_range=True), "key_blend": base.key_blend(t),
                         "lr_bicubic": ctx.calib.model_to_hr(_upsample(lr_t, ctx.raw.scale))}
                 imgs = {name: img[ctx.crop] for name, img in imgs.items()}
                 row: dict[str, Any] = {"key": k, "frame": t,
