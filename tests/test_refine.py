@@ -242,6 +242,28 @@ def test_apply_gains_gives_the_blind_gain_under_unmeasured_lr_pixels():
     assert torch.allclose(lo + span * z, (lo + span * y) * want, atol=1e-6)
 
 
+def test_blind_gain_follows_the_beam_where_the_output_did_not_and_is_the_frame_gain_elsewhere():
+    from xvr_batch.refine import beam_gains, blind_gains
+
+    scene, keys, key_lr, lr, ok = _beam_scene(gain=1.04)
+    ok[:10] = False  # 10 of 24 rows clipped in the LR frame (240 pixels)
+    key_ok = torch.stack([ok, ok])
+    w = torch.tensor([0.5], dtype=torch.float64)
+    args = lambda out: (out[None], lr[None], ok[None], keys[None], key_lr[None], key_ok[None], w)
+    # the network followed the LR frame where it measured, and built the blind rows from the keys (29012)
+    followed = torch.where(ok, 1.04 * scene, scene)
+    g = beam_gains(*args(followed))
+    assert abs(float(g) - 1.0) < 0.002, g
+    assert abs(float(blind_gains(*args(followed), g)) - 1.04) < 0.006
+    # the network followed nothing: the frame's gain, and the blind rows need no other one
+    g = beam_gains(*args(scene))
+    assert abs(float(g) - 1.04) < 0.006, g
+    assert float(blind_gains(*args(scene), g)) == float(g)
+    # the network followed the beam everywhere: gain 1 for both
+    g = beam_gains(*args(1.04 * scene))
+    assert float(g) == 1.0 and float(blind_gains(*args(1.04 * scene), g)) == 1.0
+
+
 def test_clipped_lr_under_a_flickering_beam_end_to_end(tmp_path, monkeypatch):
     """A beam that flickers over a scene whose bright part clips in the LR camera (18 % of its pixels): the output
     there was the key frames' beam until the blind gain; now it follows the frame's beam, byte-identically across

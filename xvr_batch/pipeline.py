@@ -691,8 +691,9 @@ class UnitRunner:
 
     def _beam_dev(self, wins, lr: torch.Tensor, out: torch.Tensor, hr: dict) -> torch.Tensor:
         """Each output frame scaled by the beam's change since its key frames (:func:`xvr_batch.refine.beam_gains`,
-        all frames of the batch at once, on the device)."""
-        from xvr_batch.refine import apply_gains, beam_gains
+        all frames of the batch at once, on the device), and with step ``blind`` the HR blocks under its unmeasured
+        LR pixels by the key blend's (:func:`xvr_batch.refine.blind_gains`)."""
+        from xvr_batch.refine import apply_gains, beam_gains, blind_gains
 
         lo, span = self.calib.transmission
         s = self.cfg.scale
@@ -715,18 +716,14 @@ class UnitRunner:
                 key_t.append(pair)
                 key_lr.append(lrs)
                 key_ok.append(oks)
-        key_t = torch.stack(key_t).to(out.dtype)
-        key_args = (key_t * span + lo, torch.stack(key_lr).to(out.dtype) * span + lo, torch.stack(key_ok),
-                    torch.tensor(weights, dtype=torch.float64, device=dev))
-        lr_i = lr_t.to(out.dtype) * span + lo
-        gains = beam_gains(out_t * span + lo, lr_i, ok, *key_args).view(b, n)
+        args = (out_t * span + lo, lr_t.to(out.dtype) * span + lo, ok,
+                torch.stack(key_t).to(out.dtype) * span + lo, torch.stack(key_lr).to(out.dtype) * span + lo,
+                torch.stack(key_ok), torch.tensor(weights, dtype=torch.float64, device=dev))
+        gains = beam_gains(*args)
         if not self._blind:
-            return apply_gains(out, gains, lo, span)
-        wt = key_args[3].to(out.dtype)[:, None, None]
-        blend = key_t[:, 0] * (1.0 - wt) + key_t[:, 1] * wt  # what the output is made of where the LR is blind
-        blind = beam_gains(blend * span + lo, lr_i, ok, *key_args, blind_of=out_t * span + lo,
-                           fallback=gains.reshape(-1)).view(b, n)
-        return apply_gains(out, gains, lo, span, blind, ~ok.view(b, n, hh // s, ww // s))
+            return apply_gains(out, gains.view(b, n), lo, span)
+        blind = blind_gains(*args, gains)
+        return apply_gains(out, gains.view(b, n), lo, span, blind.view(b, n), ~ok.view(b, n, hh // s, ww // s))
 
     def _output_frame(self, out: torch.Tensor, wins, hr: dict) -> torch.Tensor:
         """Model-frame output (B, n_out, s h, s w) -> the HR camera's frame (B, n_out, H, W): itself, or with a

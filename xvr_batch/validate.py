@@ -312,7 +312,7 @@ def _beam(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], s
           transmission: tuple[float, float]) -> torch.Tensor:
     """The beam step of ``reconstruct --refine lr`` (:func:`xvr_batch.refine.beam_gains`) on each item's own output
     slot; the other slots keep gain 1 (they are not read)."""
-    from xvr_batch.refine import REFINE_STEPS, apply_gains, beam_gains
+    from xvr_batch.refine import REFINE_STEPS, apply_gains, beam_gains, blind_gains
 
     lo, span = transmission
     dev = y.device
@@ -324,19 +324,17 @@ def _beam(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], s
     key_t = torch.nn.functional.avg_pool2d(keys, s)
     weights = torch.tensor([time_weight(c.frames[lr_slot], *c.times) for c, lr_slot in zip(chunk, lrs)],
                            dtype=torch.float64, device=dev)
-    lr_i = measured[rows, lrs] * span + lo
     ok = torch.from_numpy(np.stack([c.measured[j] for c, j in zip(chunk, lrs)])).to(dev)
-    key_args = (key_t * span + lo, torch.from_numpy(np.stack([c.key_lr for c in chunk])).to(dev) * span + lo,
-                torch.from_numpy(np.stack([c.key_measured for c in chunk])).to(dev), weights)
+    args = (out_t * span + lo, measured[rows, lrs] * span + lo, ok, key_t * span + lo,
+            torch.from_numpy(np.stack([c.key_lr for c in chunk])).to(dev) * span + lo,
+            torch.from_numpy(np.stack([c.key_measured for c in chunk])).to(dev), weights)
+    g = beam_gains(*args)
     gains = torch.ones(y.shape[:2], dtype=torch.float64, device=dev)
-    gains[rows, js] = beam_gains(out_t * span + lo, lr_i, ok, *key_args)
+    gains[rows, js] = g
     if "blind" not in REFINE_STEPS:
         return apply_gains(y, gains, lo, span)
-    wt = weights.to(key_t.dtype)[:, None, None]
-    blend = key_t[:, 0] * (1.0 - wt) + key_t[:, 1] * wt
     blind = torch.ones_like(gains)
-    blind[rows, js] = beam_gains(blend * span + lo, lr_i, ok, *key_args, blind_of=out_t * span + lo,
-                                 fallback=gains[rows, js])
+    blind[rows, js] = blind_gains(*args, g)
     mask = torch.zeros((*y.shape[:2], *ok.shape[-2:]), dtype=torch.bool, device=dev)
     mask[rows, js] = ~ok
     return apply_gains(y, gains, lo, span, blind, mask)

@@ -1,0 +1,70 @@
+"""Cost of the beam step of ``--refine lr`` (xvr_batch.refine.beam_gains / apply_gains), with and without its
+blind gain, on random tensors of one batch.
+
+    python benchmarks/bench_beam.py                                   # CPU, 12 frames at LR 100x256 (HR 400x1024)
+    python benchmarks/bench_beam.py --device cuda --frames 48
+
+"beam": the frame gains and their application (what ``UnitRunner._beam_dev`` did before the blind gain);
+"beam+blind": the same plus the key blend's gain under the unmeasured LR pixels (a second ``beam_gains`` and the
+mask's upsampling), as ``UnitRunner._beam_dev`` runs it now. 30 % of the LR pixels are marked unmeasured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from xvr_batch.refine import apply_gains, beam_gains, blind_gains
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=12)
+    ap.add_argument("--lr", type=int, nargs=2, default=(100, 256))
+    ap.add_argument("--scale", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=7)
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    g = torch.Generator().manual_seed(0)
+    n, (h, w), s = a.frames, a.lr, a.scale
+    rand = (lambda *shape: torch.rand(*shape, generator=g).to(dev))
+    out = rand(1, n, h * s, w * s) * 0.8 + 0.1
+    out_b = torch.nn.functional.avg_pool2d(out.reshape(n, 1, h * s, w * s), s).view(n, h, w)
+    lr = out_b * 1.02 + 0.01 * rand(n, h, w)
+    ok = rand(n, h, w) > 0.3
+    key_b = rand(n, 2, h, w) * 0.8 + 0.1
+    key_lr = key_b + 0.01 * rand(n, 2, h, w)
+    key_ok = rand(n, 2, h, w) > 0.3
+    wt = torch.linspace(0, 1, n, dtype=torch.float64, device=dev)
+
+    def beam() -> torch.Tensor:
+        gains = beam_gains(out_b, lr, ok, key_b, key_lr, key_ok, wt)
+        return apply_gains(out, gains.view(1, n), 0.1, 0.9)
+
+    def blind() -> torch.Tensor:
+        gains = beam_gains(out_b, lr, ok, key_b, key_lr, key_ok, wt)
+        bg = blind_gains(out_b, lr, ok, key_b, key_lr, key_ok, wt, gains)
+        return apply_gains(out, gains.view(1, n), 0.1, 0.9, bg.view(1, n), ~ok.view(1, n, h, w))
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {"beam": [], "beam+blind": []}
+    for fn in (beam, blind):
+        fn()
+    sync()
+    for _ in range(a.repeat):  # alternating, so both see the same machine load
+        for name, fn in (("beam", beam), ("beam+blind", blind)):
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    print(f"{a.device}: {n} frames, LR {h}x{w}, HR {h * s}x{w * s}, {torch.get_num_threads()} threads")
+    for name, ts in times.items():
+        print(f"  {name:<11} median {1e3 * statistics.median(ts):7.1f} ms per batch")
+
+
+if __name__ == "__main__":
+    main()
