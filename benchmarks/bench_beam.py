@@ -5,8 +5,8 @@ blind gain, on random tensors of one batch.
     python benchmarks/bench_beam.py --device cuda --frames 48
 
 "beam": the frame gains and their application (what ``UnitRunner._beam_dev`` did before the blind gain);
-"beam+blind": the same plus the key blend's gain under the unmeasured LR pixels (a second ``beam_gains`` and the
-mask's upsampling), as ``UnitRunner._beam_dev`` runs it now. 30 % of the LR pixels are marked unmeasured.
+"beam+blind": the same plus the key blend's gain under the unmeasured LR pixels (``beam_gains(..., blind=True)``:
+two more medians, and the mask's upsampling), as ``UnitRunner._beam_dev`` runs it now. 30 % of the LR pixels are marked unmeasured.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from xvr_batch.refine import apply_gains, beam_gains, blind_gains
+from xvr_batch.refine import apply_gains, beam_gains
 
 
 def main() -> None:
@@ -46,8 +46,7 @@ def main() -> None:
         return apply_gains(out, gains.view(1, n), 0.1, 0.9)
 
     def blind() -> torch.Tensor:
-        gains = beam_gains(out_b, lr, ok, key_b, key_lr, key_ok, wt)
-        bg = blind_gains(out_b, lr, ok, key_b, key_lr, key_ok, wt, gains)
+        gains, bg = beam_gains(out_b, lr, ok, key_b, key_lr, key_ok, wt, blind=True)
         return apply_gains(out, gains.view(1, n), 0.1, 0.9, bg.view(1, n), ~ok.view(1, n, h, w))
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -243,7 +243,7 @@ def test_apply_gains_gives_the_blind_gain_under_unmeasured_lr_pixels():
 
 
 def test_blind_gain_follows_the_beam_where_the_output_did_not_and_is_the_frame_gain_elsewhere():
-    from xvr_batch.refine import beam_gains, blind_gains
+    from xvr_batch.refine import beam_gains
 
     scene, keys, key_lr, lr, ok = _beam_scene(gain=1.04)
     ok[:10] = False  # 10 of 24 rows clipped in the LR frame (240 pixels)
@@ -254,14 +254,14 @@ def test_blind_gain_follows_the_beam_where_the_output_did_not_and_is_the_frame_g
     followed = torch.where(ok, 1.04 * scene, scene)
     g = beam_gains(*args(followed))
     assert abs(float(g) - 1.0) < 0.002, g
-    assert abs(float(blind_gains(*args(followed), g)) - 1.04) < 0.006
+    assert abs(float(beam_gains(*args(followed), blind=True)[1]) - 1.04) < 0.006
     # the network followed nothing: the frame's gain, and the blind rows need no other one
     g = beam_gains(*args(scene))
     assert abs(float(g) - 1.04) < 0.006, g
-    assert float(blind_gains(*args(scene), g)) == float(g)
+    assert float(beam_gains(*args(scene), blind=True)[1]) == float(g)
     # the network followed the beam everywhere: gain 1 for both
     g = beam_gains(*args(1.04 * scene))
-    assert float(g) == 1.0 and float(blind_gains(*args(1.04 * scene), g)) == 1.0
+    assert float(g) == 1.0 and float(beam_gains(*args(1.04 * scene), blind=True)[1]) == 1.0
 
 
 def test_clipped_lr_under_a_flickering_beam_end_to_end(tmp_path, monkeypatch):

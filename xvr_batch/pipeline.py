@@ -692,8 +692,8 @@ class UnitRunner:
     def _beam_dev(self, wins, lr: torch.Tensor, out: torch.Tensor, hr: dict) -> torch.Tensor:
         """Each output frame scaled by the beam's change since its key frames (:func:`xvr_batch.refine.beam_gains`,
         all frames of the batch at once, on the device), and with step ``blind`` the HR blocks under its unmeasured
-        LR pixels by the key blend's (:func:`xvr_batch.refine.blind_gains`)."""
-        from xvr_batch.refine import apply_gains, beam_gains, blind_gains
+        LR pixels by the key blend's (``beam_gains(..., blind=True)``)."""
+        from xvr_batch.refine import apply_gains, beam_gains
 
         lo, span = self.calib.transmission
         s = self.cfg.scale
@@ -719,10 +719,9 @@ class UnitRunner:
         args = (out_t * span + lo, lr_t.to(out.dtype) * span + lo, ok,
                 torch.stack(key_t).to(out.dtype) * span + lo, torch.stack(key_lr).to(out.dtype) * span + lo,
                 torch.stack(key_ok), torch.tensor(weights, dtype=torch.float64, device=dev))
-        gains = beam_gains(*args)
         if not self._blind:
-            return apply_gains(out, gains.view(b, n), lo, span)
-        blind = blind_gains(*args, gains)
+            return apply_gains(out, beam_gains(*args).view(b, n), lo, span)
+        gains, blind = beam_gains(*args, blind=True)
         return apply_gains(out, gains.view(b, n), lo, span, blind.view(b, n), ~ok.view(b, n, hh // s, ww // s))
 
     def _output_frame(self, out: torch.Tensor, wins, hr: dict) -> torch.Tensor:

@@ -100,7 +100,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["REFINE_KINDS", "REFINE_STEPS", "WINDOW", "STRENGTH", "CHI_START", "CHI_FULL", "TRAINED_SIGMA", "BEAM_Z2",
-           "BEAM_MIN_PIXELS", "beam_ratio", "beam_gains", "blind_gains", "apply_gains", "lr_refine", "lr_denoise", "needs_denoise"]
+           "BEAM_MIN_PIXELS", "beam_ratio", "beam_gains", "apply_gains", "lr_refine", "lr_denoise", "needs_denoise"]
 
 #: ``--refine`` choices.
 REFINE_KINDS = ("lr", "none")
@@ -192,10 +192,24 @@ def beam_ratio(num: torch.Tensor, den: torch.Tensor, ok: torch.Tensor) -> tuple[
     return torch.where(few, nan, m[:, 0]), torch.where(few, nan, se)
 
 
+def _shrunk_gain(mt: torch.Tensor, st: torch.Tensor, ref: torch.Tensor, se2_ref: Sequence[torch.Tensor],
+                 base: torch.Tensor, z2: float) -> torch.Tensor:
+    """``mt / ref`` shrunk towards ``base`` within ``sqrt(z2)`` standard errors (``st`` that of ``mt``, the terms of
+    ``se2_ref`` the squared relative errors of the factors of ``ref``); ``base`` where it cannot be measured."""
+    g = mt / ref
+    se2 = (st / mt) ** 2
+    for term in se2_ref:
+        se2 = se2 + term
+    dg = g - base
+    shrink = (1.0 - z2 * se2 / (dg * dg)).clamp_min(0.0)
+    out = base + dg * shrink
+    usable = torch.isfinite(out) & (mt > 0) & (ref > 0) & (dg != 0)
+    return torch.where(usable, out, base)
+
+
 def beam_gains(out_binned: torch.Tensor, lr: torch.Tensor, ok: torch.Tensor, key_binned: torch.Tensor,
                key_lr: torch.Tensor, key_ok: torch.Tensor, weight: torch.Tensor | float,
-               z2: float = BEAM_Z2, blind_of: torch.Tensor | None = None,
-               fallback: torch.Tensor | None = None) -> torch.Tensor:
+               z2: float = BEAM_Z2, blind: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Output frames' beam gains (see "Beam intensity" above), everything in flat-fielded intensity, for F frames:
     ``out_binned`` (F, h, w) the outputs binned to the LR grid, ``lr``/``ok`` (F, h, w) their LR frames and where
     those were measured, ``key_binned``/``key_lr``/``key_ok`` (F, 2, h, w) the same for each frame's two key
@@ -203,17 +217,15 @@ def beam_gains(out_binned: torch.Tensor, lr: torch.Tensor, ok: torch.Tensor, key
     -> (F,) float64 gains, 1 where a gain cannot be measured. Unbatched (h, w) / (2, h, w) inputs and a float
     weight give a 0-d tensor.
 
-    ``blind_of`` (F, h, w), the outputs binned, turns this into the *blind gain* ("Where the LR camera is blind"
-    above): ``out_binned`` is then the key blend, and the gain is divided by the median ratio of ``blind_of`` to
-    the blend over the pixels not measured, i.e. what the output there already follows of the beam.
-    ``fallback`` (F,): what the gain is shrunk towards and what a frame whose gain cannot be measured gets (default
-    1; the blind gain uses the frame's own gain, so that the blind pixels are scaled with the rest of the frame
-    unless they measurably need another gain)."""
+    ``blind=True`` -> ``(gains, blind gains)``: the second ("Where the LR camera is blind" above) is the same ratio
+    with the key blend in place of the output, divided by the median ratio of the output to the blend over the
+    pixels not measured (what the output there already follows of the beam), and shrunk towards the frame's own
+    gain, which it also is where it cannot be measured (the blind pixels are scaled with the rest of the frame
+    unless they measurably need another gain). The keys' ratios are computed once for both."""
     single = out_binned.dim() == 2
     if single:
         out_binned, lr, ok = out_binned[None], lr[None], ok[None]
         key_binned, key_lr, key_ok = key_binned[None], key_lr[None], key_ok[None]
-        blind_of = None if blind_of is None else blind_of[None]
     f = out_binned.shape[0]
     w = torch.as_tensor(weight, dtype=torch.float64, device=out_binned.device).reshape(-1).expand(f)
     both = (ok & key_ok[:, 0] & key_ok[:, 1]).reshape(f, -1)
@@ -222,32 +234,16 @@ def beam_gains(out_binned: torch.Tensor, lr: torch.Tensor, ok: torch.Tensor, key
     m0, s0 = beam_ratio(flat(key_lr[:, 0]), flat(key_binned[:, 0]), both)
     m1, s1 = beam_ratio(flat(key_lr[:, 1]), flat(key_binned[:, 1]), both)
     ref = (1.0 - w) * m0 + w * m1
-    se2 = (st / mt) ** 2 + (((1.0 - w) * s0) ** 2 + (w * s1) ** 2) / ref ** 2
-    if blind_of is not None:  # what the output already follows of the beam where the LR frame is blind
-        mb, sb = beam_ratio(flat(blind_of), flat(out_binned), ~flat(ok))
-        ref = ref * mb
-        se2 = se2 + (sb / mb) ** 2
-    g = mt / ref
-    # shrunk towards 1, or towards the fallback (the frame's own gain) for a blind gain
-    base = torch.ones_like(g) if fallback is None else fallback.to(g.dtype).reshape(g.shape)
-    dg = g - base
-    shrink = (1.0 - z2 * se2 / (dg * dg)).clamp_min(0.0)
-    out = base + dg * shrink
-    usable = torch.isfinite(out) & (mt > 0) & (ref > 0) & (dg != 0)
-    out = torch.where(usable, out, base)
-    return out[0] if single else out
-
-
-def blind_gains(out_binned: torch.Tensor, lr: torch.Tensor, ok: torch.Tensor, key_binned: torch.Tensor,
-                key_lr: torch.Tensor, key_ok: torch.Tensor, weight: torch.Tensor, frame_gains: torch.Tensor,
-                z2: float = BEAM_Z2) -> torch.Tensor:
-    """The blind gains ("Where the LR camera is blind" above) of F frames, arguments as :func:`beam_gains` (batched
-    only, ``weight`` a (F,) tensor) and ``frame_gains`` (F,) their :func:`beam_gains`, which a frame with too few
-    blind pixels keeps -> (F,) float64."""
-    w = weight.to(key_binned.dtype)[:, None, None]
-    blend = key_binned[:, 0] * (1.0 - w) + key_binned[:, 1] * w  # what the output is made of where the LR is blind
-    return beam_gains(blend, lr, ok, key_binned, key_lr, key_ok, weight, z2, blind_of=out_binned,
-                      fallback=frame_gains)
+    se2_ref = (((1.0 - w) * s0) ** 2 + (w * s1) ** 2) / ref ** 2
+    gains = _shrunk_gain(mt, st, ref, (se2_ref,), torch.ones_like(mt), z2)
+    if not blind:
+        return gains[0] if single else gains
+    wt = w.to(key_binned.dtype)[:, None, None]
+    blend = key_binned[:, 0] * (1.0 - wt) + key_binned[:, 1] * wt  # what the output is made of where the LR is blind
+    mtb, stb = beam_ratio(flat(lr), flat(blend), both)
+    mb, sb = beam_ratio(flat(out_binned), flat(blend), ~flat(ok))  # what the output already follows there
+    blind_g = _shrunk_gain(mtb, stb, ref * mb, (se2_ref, (sb / mb) ** 2), gains, z2)
+    return (gains[0], blind_g[0]) if single else (gains, blind_g)
 
 
 def apply_gains(out: torch.Tensor, gains: torch.Tensor, lo: float, span: float,

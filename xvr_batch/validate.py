@@ -312,7 +312,7 @@ def _beam(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], s
           transmission: tuple[float, float]) -> torch.Tensor:
     """The beam step of ``reconstruct --refine lr`` (:func:`xvr_batch.refine.beam_gains`) on each item's own output
     slot; the other slots keep gain 1 (they are not read)."""
-    from xvr_batch.refine import REFINE_STEPS, apply_gains, beam_gains, blind_gains
+    from xvr_batch.refine import REFINE_STEPS, apply_gains, beam_gains
 
     lo, span = transmission
     dev = y.device
@@ -328,13 +328,14 @@ def _beam(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], s
     args = (out_t * span + lo, measured[rows, lrs] * span + lo, ok, key_t * span + lo,
             torch.from_numpy(np.stack([c.key_lr for c in chunk])).to(dev) * span + lo,
             torch.from_numpy(np.stack([c.key_measured for c in chunk])).to(dev), weights)
-    g = beam_gains(*args)
+    blind_step = "blind" in REFINE_STEPS
+    g, gb = beam_gains(*args, blind=True) if blind_step else (beam_gains(*args), None)
     gains = torch.ones(y.shape[:2], dtype=torch.float64, device=dev)
     gains[rows, js] = g
-    if "blind" not in REFINE_STEPS:
+    if not blind_step:
         return apply_gains(y, gains, lo, span)
     blind = torch.ones_like(gains)
-    blind[rows, js] = blind_gains(*args, g)
+    blind[rows, js] = gb
     mask = torch.zeros((*y.shape[:2], *ok.shape[-2:]), dtype=torch.bool, device=dev)
     mask[rows, js] = ~ok
     return apply_gains(y, gains, lo, span, blind, mask)
