@@ -233,3 +233,32 @@ def tmpfs(path: Path, size: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+# ------------------------------------------------------------------------------------------ refine steps A/B
+
+@pytest.fixture
+def with_and_without(tmp_path, monkeypatch):
+    """``with_and_without(arc, step, without)``: reconstruct ``arc`` with every refine step (units of 128 frames,
+    batch 4, and units of 9, batch 3), then with ``REFINE_STEPS = without``; checks which runs record ``step`` in
+    their settings -> (outputs, mean PSNRs between key frames), each keyed "with", "with_units", "without"."""
+    import xvr_batch.refine as refine
+    from xvr_batch.driver import reconstruct
+    from xvr_batch.evaluate import evaluate
+    from xvr_batch.pipeline import Options
+
+    def run(arc, step: str, without: tuple[str, ...]):
+        data, psnr = {}, {}
+        for name, unit, batch in (("with", 128, 4), ("with_units", 9, 3), ("without", 128, 4)):
+            if name == "without":
+                monkeypatch.setattr(refine, "REFINE_STEPS", without)
+            out = tmp_path / f"{name}.h5"
+            reconstruct(Options(archive=str(arc), output=str(out), overwrite=True, force_replan=True,
+                                unit_frames=unit, batch=batch), progress=False)
+            with h5py.File(out, "r") as f:
+                data[name] = f["/exchange/data"][...]
+                assert (f'"{step}"' in f["/process/xvr_batch"].attrs["settings"]) == (name != "without")
+            psnr[name] = evaluate(str(out), str(arc), frames="between")["methods"]["swin_xvr"]["mean_psnr"]
+        return data, psnr
+
+    return run

@@ -189,30 +189,7 @@ def test_apply_gains_scales_the_intensity_not_the_model_units():
     assert torch.equal(z[0, 0], y[0, 0])
 
 
-def _with_and_without(tmp_path, monkeypatch, arc, step: str, without: tuple[str, ...]):
-    """Reconstruct ``arc`` with every refine step (units of 128 frames, batch 4, and units of 9, batch 3), then with
-    ``REFINE_STEPS = without``; check which runs record ``step`` -> (outputs, mean PSNRs between key frames), keyed
-    "with", "with_units", "without"."""
-    import xvr_batch.refine as refine
-    from xvr_batch.driver import reconstruct
-    from xvr_batch.evaluate import evaluate
-    from xvr_batch.pipeline import Options
-
-    data, psnr = {}, {}
-    for name, unit, batch in (("with", 128, 4), ("with_units", 9, 3), ("without", 128, 4)):
-        if name == "without":
-            monkeypatch.setattr(refine, "REFINE_STEPS", without)
-        out = tmp_path / f"{name}.h5"
-        reconstruct(Options(archive=str(arc), output=str(out), overwrite=True, force_replan=True, unit_frames=unit,
-                            batch=batch), progress=False)
-        with h5py.File(out, "r") as f:
-            data[name] = f["/exchange/data"][...]
-            assert (f'"{step}"' in f["/process/xvr_batch"].attrs["settings"]) == (name != "without")
-        psnr[name] = evaluate(str(out), str(arc), frames="between")["methods"]["swin_xvr"]["mean_psnr"]
-    return data, psnr
-
-
-def test_flickering_beam_end_to_end(tmp_path, monkeypatch):
+def test_flickering_beam_end_to_end(tmp_path, with_and_without):
     """An archive whose beam flickers: the beam step brings the output closer to the truth than the same
     refinement without it, and the output stays byte-identical across unit sizes and batches."""
     from xvr_batch.synth import synthesize
@@ -220,7 +197,7 @@ def test_flickering_beam_end_to_end(tmp_path, monkeypatch):
     arc = tmp_path / "flicker.h5"
     synthesize(str(arc), n_frames=33, hr_shape=(64, 64), stride=16, families=["particles"], seed=29008,
                effects=["flicker"])
-    data, psnr = _with_and_without(tmp_path, monkeypatch, arc, "beam", ("denoise", "residual"))
+    data, psnr = with_and_without(arc, "beam", ("denoise", "motion", "residual"))
     assert np.array_equal(data["with"], data["with_units"])
     assert psnr["with"] > psnr["without"] + 0.3, psnr  # measured: 34.23 vs 33.77 dB
 
@@ -264,7 +241,7 @@ def test_blind_gain_follows_the_beam_where_the_output_did_not_and_is_the_frame_g
     assert float(g) == 1.0 and float(beam_gains(*args(1.04 * scene), blind=True)[1]) == 1.0
 
 
-def test_clipped_lr_under_a_flickering_beam_end_to_end(tmp_path, monkeypatch):
+def test_clipped_lr_under_a_flickering_beam_end_to_end(tmp_path, with_and_without):
     """A beam that flickers over a scene whose bright part clips in the LR camera (18 % of its pixels): the output
     there was the key frames' beam until the blind gain; now it follows the frame's beam, byte-identically across
     unit sizes."""
@@ -275,6 +252,6 @@ def test_clipped_lr_under_a_flickering_beam_end_to_end(tmp_path, monkeypatch):
                effects=["flicker", "saturation"])
     with h5py.File(arc, "r") as f:
         assert (f["/exchange/data_lr"][...] >= 65535).mean() > 0.1
-    data, psnr = _with_and_without(tmp_path, monkeypatch, arc, "blind", ("denoise", "residual", "beam"))
+    data, psnr = with_and_without(arc, "blind", ("denoise", "motion", "residual", "beam"))
     assert np.array_equal(data["with"], data["with_units"])
     assert psnr["with"] > psnr["without"] + 0.5, psnr  # measured: 32.73 vs 31.64 dB

@@ -491,6 +491,8 @@ class UnitRunner:
         #: beam step, and the LR field's mask it measures in (registered archives; the reader thread's numpy copy)
         self._beam = "beam" in steps
         self._blind = self._beam and "blind" in steps
+        self._motion = "motion" in steps
+        self._masks = self._beam or self._motion  # both read where the LR frames were measured
         self._beam_inside = None if inside is None or np.asarray(inside).all() else np.asarray(inside, bool)
 
     def _add(self, stage: str, seconds: float) -> None:
@@ -522,7 +524,7 @@ class UnitRunner:
         lr = np.stack([lr_all[[pos[f] for f in w.frames]] for w in wins])  # B, NL, h, w
         hr = {}  # key number -> model-space key frame (in the model's frame); ("native", k) -> the HR camera's;
         # beam step: "measured" -> (B, NL, h, w) bool, ("key_lr", k) -> the LR frame at key k's time and its mask
-        if self._beam:
+        if self._masks:
             ok_all = self.calib.lr_measured(raw, self._beam_inside)
             hr["measured"] = np.stack([ok_all[[pos[f] for f in w.frames]] for w in wins])
         for k in sorted({k for w in wins for k in w.keys}):
@@ -530,12 +532,12 @@ class UnitRunner:
                 hr_cache[k] = self.calib.hr_to_model(self.archive.read_hr(k))
                 if self._fill is not None:
                     hr_cache[("native", k)] = self.calib_out.hr_to_model(self.archive.read_hr_native(k))
-                while len(hr_cache) > self._key_cap * ((1 if self._fill is None else 2) + self._beam):
+                while len(hr_cache) > self._key_cap * ((1 if self._fill is None else 2) + self._masks):
                     hr_cache.popitem(last=False)
             hr[k] = hr_cache[k]
             if self._fill is not None:
                 hr[("native", k)] = hr_cache[("native", k)]
-            if self._beam:
+            if self._masks:
                 if ("key_lr", k) not in hr_cache:
                     t = self._hr_index[k]
                     raw_k = self.archive.read_lr_at([t])
@@ -682,12 +684,51 @@ class UnitRunner:
         from xvr_batch.refine import lr_refine
 
         with torch.inference_mode():
+            if self._motion:
+                out = self._motion_dev(wins, lr_dev[0], out, hr)
             if self._residual:
                 out = lr_refine(out, lr_dev[0], self._cons_sigma, self._cons_slots, self.cfg.scale,
                                 inside=self._cons_inside)
             if self._beam:
                 out = self._beam_dev(wins, lr_dev[0], out, hr)
             return out
+
+    def _slot_keys(self, wins, hr: dict, key_pair, dev) -> tuple[torch.Tensor, ...]:
+        """For each output slot of the batch (B * n rows, window by window): its window's two key frames as
+        ``key_pair(k0, k1)`` gives them (2, ...), the LR frames at the keys' times and where they were measured
+        (2, h, w) each, and its time weight between the keys (float64)."""
+        keys, key_lr, key_ok, weights = [], [], [], []
+        for w_ in wins:
+            k0, k1 = w_.keys
+            t0, t1 = self._hr_index[k0], self._hr_index[k1]
+            pair = key_pair(k0, k1)
+            lrs = torch.from_numpy(np.stack([hr[("key_lr", k0)][0], hr[("key_lr", k1)][0]])).to(dev)
+            oks = torch.from_numpy(np.stack([hr[("key_lr", k0)][1], hr[("key_lr", k1)][1]])).to(dev)
+            for slot in self._cons_slots:
+                weights.append(time_weight(w_.frames[slot], t0, t1))
+                keys.append(pair)
+                key_lr.append(lrs)
+                key_ok.append(oks)
+        return (torch.stack(keys), torch.stack(key_lr), torch.stack(key_ok),
+                torch.tensor(weights, dtype=torch.float64, device=dev))
+
+    def _motion_dev(self, wins, lr: torch.Tensor, out: torch.Tensor, hr: dict) -> torch.Tensor:
+        """Each output frame fused with its key frames moved to its LR frame (:func:`xvr_batch.motion.motion_fuse`,
+        all frames of the batch at once, on the device)."""
+        from xvr_batch.motion import motion_fuse
+
+        s = self.cfg.scale
+        b, n, hh, ww = out.shape
+        dev = out.device
+        slots = self._cons_slots  # the LR frame of each output slot
+        lr_t = lr[:, slots].reshape(b * n, hh // s, ww // s)
+        ok = torch.from_numpy(hr["measured"]).to(dev)[:, slots].reshape(b * n, hh // s, ww // s)
+        pair = lambda k0, k1: torch.from_numpy(np.stack([hr[k0], hr[k1]])).to(dev)  # noqa: E731
+        keys, key_lr, key_ok, weights = self._slot_keys(wins, hr, pair, dev)
+        lo, span = self.calib.transmission
+        res = motion_fuse(out.reshape(b * n, hh, ww), lr_t, ok, keys, key_lr, key_ok, weights, self._cons_sigma, s,
+                          lo, span)
+        return res.view(b, n, hh, ww)
 
     def _beam_dev(self, wins, lr: torch.Tensor, out: torch.Tensor, hr: dict) -> torch.Tensor:
         """Each output frame scaled by the beam's change since its key frames (:func:`xvr_batch.refine.beam_gains`,
@@ -703,22 +744,10 @@ class UnitRunner:
         slots = self._cons_slots  # the LR frame of each output slot
         lr_t = lr[:, slots].reshape(b * n, hh // s, ww // s)
         ok = torch.from_numpy(hr["measured"]).to(dev)[:, slots].reshape(b * n, hh // s, ww // s)
-        key_t, key_lr, key_ok, weights = [], [], [], []
-        for w_ in wins:
-            k0, k1 = w_.keys
-            t0, t1 = self._hr_index[k0], self._hr_index[k1]
-            pair = torch.stack([self._key_binned(k0, hr), self._key_binned(k1, hr)])
-            lrs = torch.from_numpy(np.stack([hr[("key_lr", k0)][0], hr[("key_lr", k1)][0]])).to(dev)
-            oks = torch.from_numpy(np.stack([hr[("key_lr", k0)][1], hr[("key_lr", k1)][1]])).to(dev)
-            for slot in slots:
-                t = w_.frames[slot]
-                weights.append(time_weight(t, t0, t1))
-                key_t.append(pair)
-                key_lr.append(lrs)
-                key_ok.append(oks)
-        args = (out_t * span + lo, lr_t.to(out.dtype) * span + lo, ok,
-                torch.stack(key_t).to(out.dtype) * span + lo, torch.stack(key_lr).to(out.dtype) * span + lo,
-                torch.stack(key_ok), torch.tensor(weights, dtype=torch.float64, device=dev))
+        pair = lambda k0, k1: torch.stack([self._key_binned(k0, hr), self._key_binned(k1, hr)])  # noqa: E731
+        key_t, key_lr, key_ok, weights = self._slot_keys(wins, hr, pair, dev)
+        args = (out_t * span + lo, lr_t.to(out.dtype) * span + lo, ok, key_t.to(out.dtype) * span + lo,
+                key_lr.to(out.dtype) * span + lo, key_ok, weights)
         if not self._blind:
             return apply_gains(out, beam_gains(*args).view(b, n), lo, span)
         gains, blind = beam_gains(*args, blind=True)

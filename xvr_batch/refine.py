@@ -116,8 +116,9 @@ TRAINED_SIGMA = 0.03
 #: The steps ``--refine lr`` runs, in order; recorded in a work directory's settings, so that a directory planned
 #: by a version with other steps is refused on resume instead of mixing parts of two algorithms (one planned
 #: before the list existed ran ``("denoise", "residual")``). ``"blind"`` belongs to the beam step (it runs only
-#: with ``"beam"``): the key blend's gain where the LR frame measured nothing.
-REFINE_STEPS = ("denoise", "residual", "beam", "blind")
+#: with ``"beam"``): the key blend's gain where the LR frame measured nothing. ``"motion"``
+#: (:mod:`xvr_batch.motion`) runs on the network's output before the residual step.
+REFINE_STEPS = ("denoise", "motion", "residual", "beam", "blind")
 #: Beam step: a frame's gain is applied only where ``(G - 1) ** 2`` exceeds ``BEAM_Z2`` squared standard errors
 #: (shrunk towards 1 below that).
 BEAM_Z2 = 9.0

@@ -299,6 +299,8 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
                 y = model.forward_features(lr, feats, base).float()[:, :, 0]  # B, n_out, H, W
             if sigma is not None:
                 slots = list(range(model.cfg.num_lr)) if model.cfg.head == "all" else [model.cfg.num_lr // 2]
+                if transmission is not None and all(c.measured is not None for c in chunk):
+                    y = _motion(y, measured, chunk, slots, s, transmission, sigma)
                 y = lr_refine(y, measured, sigma, slots, s)
                 if transmission is not None and all(c.measured is not None for c in chunk):
                     y = _beam(y, measured, chunk, slots, s, transmission)
@@ -307,6 +309,30 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
     finally:
         model.train(was_training)
     return outs
+
+
+def _motion(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], slots: Sequence[int], s: int,
+            transmission: tuple[float, float], sigma: float) -> torch.Tensor:
+    """The motion step of ``reconstruct --refine lr`` (:func:`xvr_batch.motion.motion_fuse`) on each item's own
+    output slot; the other slots are left as they are (they are not read)."""
+    from xvr_batch.motion import motion_fuse
+
+    dev = y.device
+    js = [c.slot if len(slots) > 1 else 0 for c in chunk]  # each item's output slot
+    lrs = [slots[j] for j in js]  # and its LR frame
+    rows = torch.arange(len(chunk), device=dev)
+    weights = torch.tensor([time_weight(c.frames[lr_slot], *c.times) for c, lr_slot in zip(chunk, lrs)],
+                           dtype=torch.float64, device=dev)
+    fused = motion_fuse(y[rows, js], measured[rows, lrs],
+                        torch.from_numpy(np.stack([c.measured[j] for c, j in zip(chunk, lrs)])).to(dev),
+                        torch.from_numpy(np.stack([c.keys for c in chunk])).to(dev),
+                        torch.from_numpy(np.stack([c.key_lr for c in chunk])).to(dev),
+                        torch.from_numpy(np.stack([c.key_measured for c in chunk])).to(dev), weights, sigma, s,
+                        *transmission)
+    y = y.clone()
+    y[rows, js] = fused
+    return y
+
 
 def _beam(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], slots: Sequence[int], s: int,
           transmission: tuple[float, float]) -> torch.Tensor:
