@@ -1,0 +1,58 @@
+"""Cost of the motion step of ``--refine lr`` (xvr_batch.motion.motion_fuse) on random tensors of one batch.
+
+    python benchmarks/bench_motion.py                                 # CPU, 12 frames at LR 100x256 (HR 400x1024)
+    python benchmarks/bench_motion.py --device cuda --frames 48
+
+The step searches (2 RADIUS s + 1) ** 2 whole-HR-pixel displacements of both key frames for every LR pixel (289 at
+RADIUS 2, s = 4); the search's cost does not depend on the content, so random tensors time it as well as real frames.
+10 % of the LR pixels are marked unmeasured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from xvr_batch.motion import RADIUS, motion_fuse
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=12)
+    ap.add_argument("--lr", type=int, nargs=2, default=(100, 256))
+    ap.add_argument("--scale", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=5)
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    g = torch.Generator().manual_seed(0)
+    n, (h, w), s = a.frames, a.lr, a.scale
+    rand = (lambda *shape: torch.rand(*shape, generator=g).to(dev))
+    out = rand(n, h * s, w * s) * 0.8 + 0.1
+    lr = torch.nn.functional.avg_pool2d(out[:, None], s)[:, 0] + 0.01 * rand(n, h, w)
+    ok = rand(n, h, w) > 0.1
+    keys = rand(n, 2, h * s, w * s) * 0.8 + 0.1
+    key_lr = torch.nn.functional.avg_pool2d(keys.reshape(2 * n, 1, h * s, w * s), s).view(n, 2, h, w)
+    key_ok = rand(n, 2, h, w) > 0.1
+    wt = torch.linspace(0, 1, n, dtype=torch.float64, device=dev)
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    motion_fuse(out, lr, ok, keys, key_lr, key_ok, wt, 0.01, s, 0.1, 0.9)
+    sync()
+    times = []
+    for _ in range(a.repeat):
+        t = time.perf_counter()
+        motion_fuse(out, lr, ok, keys, key_lr, key_ok, wt, 0.01, s, 0.1, 0.9)
+        sync()
+        times.append(time.perf_counter() - t)
+    print(f"{a.device}: {n} frames, LR {h}x{w}, HR {h * s}x{w * s}, RADIUS {RADIUS} "
+          f"({(2 * RADIUS * s + 1) ** 2} displacements), {torch.get_num_threads()} threads")
+    print(f"  motion  median {1e3 * statistics.median(times):8.1f} ms per batch "
+          f"({1e3 * statistics.median(times) / n:.1f} ms per frame)")
+
+
+if __name__ == "__main__":
+    main()
