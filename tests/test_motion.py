@@ -87,6 +87,15 @@ def test_unmeasured_lr_pixels_move_nothing():
     assert torch.equal(fused[0, 32:48, 32:48], ghost[0, 32:48, 32:48])
 
 
+def test_tiny_noise_free_unmeasured_frames_are_left_alone():
+    """Frames of one LR pixel, a noise level of 0 and nothing measured: finite, and exactly the network's output."""
+    out = torch.rand(2, 4, 4)
+    args = (torch.rand(2, 1, 1), torch.zeros(2, 1, 1, dtype=torch.bool), torch.rand(2, 2, 4, 4), torch.rand(2, 2, 1, 1),
+            torch.ones(2, 2, 1, 1, dtype=torch.bool), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert torch.equal(motion_fuse(out, *args, 0.0, S), out)
+    assert torch.isfinite(motion_fuse(out, args[0], ~args[1], *args[2:], 0.0, S)).all()
+
+
 def test_each_frame_is_fused_as_if_it_were_alone():
     """A batch of frames gives, byte for byte, what each frame gives alone (outputs stay identical across unit
     sizes and backends)."""
