@@ -57,15 +57,29 @@ TAU = 1.0
 MU = 0.25
 
 
-def _window_mean(v: torch.Tensor, weight: torch.Tensor, den: torch.Tensor, win: int = WINDOW) -> torch.Tensor:
-    """(N, h, w) -> the mean of ``v`` over the ``weight`` pixels of each win x win neighbourhood."""
-    num = F.avg_pool2d((v * weight)[:, None], win, 1, win // 2, count_include_pad=False)[:, 0]
-    return num / den
+def _box_sum(v: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) -> the sum over each WINDOW x WINDOW neighbourhood, the frame zero-padded (sums of shifted slices,
+    rows then columns: several times faster on the CPU than ``avg_pool2d``, and in a fixed order)."""
+    k, (h, w) = WINDOW // 2, v.shape[-2:]
+    p = F.pad(v, (k, k, k, k))
+    rows = sum(p[:, i:i + h] for i in range(1, WINDOW)) + p[:, 0:h]
+    return sum(rows[:, :, j:j + w] for j in range(1, WINDOW)) + rows[:, :, 0:w]
 
 
-def _coverage(weight: torch.Tensor, win: int = WINDOW) -> torch.Tensor:
-    """(N, h, w) 0/1 -> the fraction of each win x win neighbourhood that is 1 (at least 1e-6)."""
-    return F.avg_pool2d(weight[:, None], win, 1, win // 2, count_include_pad=False)[:, 0].clamp_min(1e-6)
+def _count(v: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) -> (1, h, w): how many pixels of each WINDOW x WINDOW neighbourhood lie inside the frame."""
+    return _box_sum(torch.ones((1, *v.shape[-2:]), dtype=v.dtype, device=v.device))
+
+
+def _window_mean(v: torch.Tensor, weight: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) -> the mean of ``v`` over the ``weight`` pixels of each WINDOW x WINDOW neighbourhood, ``den`` their
+    :func:`_coverage`."""
+    return _box_sum(v * weight) / (den * _count(v))
+
+
+def _coverage(weight: torch.Tensor) -> torch.Tensor:
+    """(N, h, w) 0/1 -> the fraction of each WINDOW x WINDOW neighbourhood inside the frame that is 1 (>= 1e-6)."""
+    return (_box_sum(weight) / _count(weight)).clamp_min(1e-6)
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
@@ -115,20 +129,24 @@ def motion_fuse(out: torch.Tensor, lr: torch.Tensor, ok: torch.Tensor, keys: tor
     box = F.avg_pool2d(padded, s, stride=1).view(n * 2, hh + 2 * r - s + 1, ww + 2 * r - s + 1)
     xx = x[:, None].expand(n, 2, h, w).reshape(n * 2, h, w)
     best = torch.full((n * 2, h, w), float("inf"), dtype=dt, device=dev)
-    dy_best = torch.zeros_like(best)
-    dx_best = torch.zeros_like(best)
+    pick = torch.zeros((n * 2, h, w), dtype=torch.int16, device=dev)  # the best's number, (dy + r) (2r + 1) + dx + r
     c0 = best
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            binned = box[:, r + dy::s, r + dx::s][:, :h, :w]
-            c = _window_mean((xx - binned) ** 2, okk, cov)
-            if dy == 0 and dx == 0:
-                c0 = c
-            c = c + MU * s2 * (dy * dy + dx * dx) / (r * r)
-            better = c < best
-            best = torch.where(better, c, best)
-            dy_best = torch.where(better, torch.full_like(dy_best, float(dy)), dy_best)
-            dx_best = torch.where(better, torch.full_like(dx_best, float(dx)), dx_best)
+    # box at HR offset (r + dy, r + dx), every s-th pixel: phase ((r + dy) % s, (r + dx) % s), shifted by whole LR
+    # pixels; the s * s phases are made contiguous once
+    phases = [[box[:, a::s, b::s].contiguous() for b in range(s)] for a in range(s)]
+    norm = cov * _count(okk)
+    for i, (dy, dx) in enumerate((dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)):
+        (qy, ay), (qx, ax) = divmod(r + dy, s), divmod(r + dx, s)
+        binned = phases[ay][ax][:, qy:qy + h, qx:qx + w]
+        c = _box_sum((xx - binned) ** 2 * okk) / norm
+        if dy == 0 and dx == 0:
+            c0 = c
+        c = c + MU * s2 * (dy * dy + dx * dx) / (r * r)
+        better = c < best
+        best = torch.where(better, c, best)
+        pick.masked_fill_(better, i)
+    dy_best = (pick // (2 * r + 1) - r).to(dt)
+    dx_best = (pick % (2 * r + 1) - r).to(dt)
     own = _window_mean((key_lr.reshape(n * 2, h, w) - kb.reshape(n * 2, h, w)) ** 2, okk, cov)
     moved = (c0 - best > TAU * s2) & (c0 - own > TAU * s2) & (cov > 0.999)
     zero = torch.zeros_like(best)
