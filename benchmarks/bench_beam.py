@@ -11,27 +11,19 @@ two more medians, and the mask's upsampling), as ``UnitRunner._beam_dev`` runs i
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
+from _refine_batch import parse_batch
 from xvr_batch.refine import apply_gains, beam_gains
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--frames", type=int, default=12)
-    ap.add_argument("--lr", type=int, nargs=2, default=(100, 256))
-    ap.add_argument("--scale", type=int, default=4)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeat", type=int, default=7)
-    a = ap.parse_args()
-    dev = torch.device(a.device)
-    g = torch.Generator().manual_seed(0)
+    bt = parse_batch(__doc__, repeat=7)
+    a, dev, rand, sync = bt.args, bt.device, bt.rand, bt.sync
     n, (h, w), s = a.frames, a.lr, a.scale
-    rand = (lambda *shape: torch.rand(*shape, generator=g).to(dev))
     out = rand(1, n, h * s, w * s) * 0.8 + 0.1
     out_b = torch.nn.functional.avg_pool2d(out.reshape(n, 1, h * s, w * s), s).view(n, h, w)
     lr = out_b * 1.02 + 0.01 * rand(n, h, w)
@@ -49,7 +41,6 @@ def main() -> None:
         gains, bg = beam_gains(out_b, lr, ok, key_b, key_lr, key_ok, wt, blind=True)
         return apply_gains(out, gains.view(1, n), 0.1, 0.9, bg.view(1, n), ~ok.view(1, n, h, w))
 
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {"beam": [], "beam+blind": []}
     for fn in (beam, blind):
         fn()

@@ -10,27 +10,19 @@ RADIUS 2, s = 4); the search's cost does not depend on the content, so random te
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
+from _refine_batch import parse_batch
 from xvr_batch.motion import RADIUS, motion_fuse
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--frames", type=int, default=12)
-    ap.add_argument("--lr", type=int, nargs=2, default=(100, 256))
-    ap.add_argument("--scale", type=int, default=4)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeat", type=int, default=5)
-    a = ap.parse_args()
-    dev = torch.device(a.device)
-    g = torch.Generator().manual_seed(0)
+    bt = parse_batch(__doc__, repeat=5)
+    a, dev, rand, sync = bt.args, bt.device, bt.rand, bt.sync
     n, (h, w), s = a.frames, a.lr, a.scale
-    rand = (lambda *shape: torch.rand(*shape, generator=g).to(dev))
     out = rand(n, h * s, w * s) * 0.8 + 0.1
     lr = torch.nn.functional.avg_pool2d(out[:, None], s)[:, 0] + 0.01 * rand(n, h, w)
     ok = rand(n, h, w) > 0.1
@@ -39,7 +31,6 @@ def main() -> None:
     key_ok = rand(n, 2, h, w) > 0.1
     wt = torch.linspace(0, 1, n, dtype=torch.float64, device=dev)
 
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     motion_fuse(out, lr, ok, keys, key_lr, key_ok, wt, 0.01, s, 0.1, 0.9)
     sync()
     times = []

@@ -103,6 +103,8 @@ def motion_fuse(out: torch.Tensor, lr: torch.Tensor, ok: torch.Tensor, keys: tor
     h, w = hh // scale, ww // scale
     if (h * scale, w * scale) != (hh, ww) or tuple(lr.shape[-2:]) != (h, w):
         raise ValueError(f"output {hh}x{ww} is not {scale}x the LR grid {tuple(lr.shape[-2:])}")
+    if not math.isfinite(float(sigma)) or sigma < 0:
+        raise ValueError(f"sigma must be a finite number >= 0, not {sigma}")
     s, r = scale, RADIUS * scale
     dt, dev = out.dtype, out.device
     y = out * span + lo  # flat-fielded intensity
@@ -118,8 +120,6 @@ def motion_fuse(out: torch.Tensor, lr: torch.Tensor, ok: torch.Tensor, keys: tor
     gain = mt / ((1 - wt) * mk[:, 0] + wt * mk[:, 1])  # the beam's change since the keys
     x = x / mt[:, None, None]  # in the keys' radiometry
     key_lr = key_lr / mk[:, :, None, None]
-    if not math.isfinite(float(sigma)) or sigma < 0:
-        raise ValueError(f"sigma must be a finite number >= 0, not {sigma}")
     s2 = max((float(sigma) * span) ** 2, 1e-12)  # a noise-free archive (sigma 0) must not divide 0 by 0
 
     # costs of every displacement against both keys; kept: the best, its displacement, and no displacement

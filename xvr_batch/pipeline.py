@@ -693,10 +693,16 @@ class UnitRunner:
                 out = self._beam_dev(wins, lr_dev[0], out, hr)
             return out
 
-    def _slot_keys(self, wins, hr: dict, key_pair, dev) -> tuple[torch.Tensor, ...]:
-        """For each output slot of the batch (B * n rows, window by window): its window's two key frames as
-        ``key_pair(k0, k1)`` gives them (2, ...), the LR frames at the keys' times and where they were measured
-        (2, h, w) each, and its time weight between the keys (float64)."""
+    def _slot_inputs(self, wins, lr: torch.Tensor, out: torch.Tensor, hr: dict, key_pair) -> tuple[torch.Tensor, ...]:
+        """For each output slot of the batch (B * n rows, window by window): its LR frame and where that was measured
+        (h, w), its window's two key frames as ``key_pair(k0, k1)`` gives them (2, ...), the LR frames at the keys'
+        times and where they were measured (2, h, w) each, and its time weight between the keys (float64)."""
+        s = self.cfg.scale
+        b, n, hh, ww = out.shape
+        dev = out.device
+        slots = self._cons_slots  # the LR frame of each output slot
+        lr_t = lr[:, slots].reshape(b * n, hh // s, ww // s)
+        ok = torch.from_numpy(hr["measured"]).to(dev)[:, slots].reshape(b * n, hh // s, ww // s)
         keys, key_lr, key_ok, weights = [], [], [], []
         for w_ in wins:
             k0, k1 = w_.keys
@@ -704,12 +710,12 @@ class UnitRunner:
             pair = key_pair(k0, k1)
             lrs = torch.from_numpy(np.stack([hr[("key_lr", k0)][0], hr[("key_lr", k1)][0]])).to(dev)
             oks = torch.from_numpy(np.stack([hr[("key_lr", k0)][1], hr[("key_lr", k1)][1]])).to(dev)
-            for slot in self._cons_slots:
+            for slot in slots:
                 weights.append(time_weight(w_.frames[slot], t0, t1))
                 keys.append(pair)
                 key_lr.append(lrs)
                 key_ok.append(oks)
-        return (torch.stack(keys), torch.stack(key_lr), torch.stack(key_ok),
+        return (lr_t, ok, torch.stack(keys), torch.stack(key_lr), torch.stack(key_ok),
                 torch.tensor(weights, dtype=torch.float64, device=dev))
 
     def _motion_dev(self, wins, lr: torch.Tensor, out: torch.Tensor, hr: dict) -> torch.Tensor:
@@ -717,17 +723,10 @@ class UnitRunner:
         all frames of the batch at once, on the device)."""
         from xvr_batch.motion import motion_fuse
 
-        s = self.cfg.scale
         b, n, hh, ww = out.shape
-        dev = out.device
-        slots = self._cons_slots  # the LR frame of each output slot
-        lr_t = lr[:, slots].reshape(b * n, hh // s, ww // s)
-        ok = torch.from_numpy(hr["measured"]).to(dev)[:, slots].reshape(b * n, hh // s, ww // s)
-        pair = lambda k0, k1: torch.from_numpy(np.stack([hr[k0], hr[k1]])).to(dev)  # noqa: E731
-        keys, key_lr, key_ok, weights = self._slot_keys(wins, hr, pair, dev)
-        lo, span = self.calib.transmission
-        res = motion_fuse(out.reshape(b * n, hh, ww), lr_t, ok, keys, key_lr, key_ok, weights, self._cons_sigma, s,
-                          lo, span)
+        pair = lambda k0, k1: torch.from_numpy(np.stack([hr[k0], hr[k1]])).to(out.device)  # noqa: E731
+        res = motion_fuse(out.reshape(b * n, hh, ww), *self._slot_inputs(wins, lr, out, hr, pair), self._cons_sigma,
+                          self.cfg.scale, *self.calib.transmission)
         return res.view(b, n, hh, ww)
 
     def _beam_dev(self, wins, lr: torch.Tensor, out: torch.Tensor, hr: dict) -> torch.Tensor:
@@ -739,13 +738,9 @@ class UnitRunner:
         lo, span = self.calib.transmission
         s = self.cfg.scale
         b, n, hh, ww = out.shape
-        dev = out.device
         out_t = torch.nn.functional.avg_pool2d(out.reshape(b * n, 1, hh, ww), s).view(b * n, hh // s, ww // s)
-        slots = self._cons_slots  # the LR frame of each output slot
-        lr_t = lr[:, slots].reshape(b * n, hh // s, ww // s)
-        ok = torch.from_numpy(hr["measured"]).to(dev)[:, slots].reshape(b * n, hh // s, ww // s)
         pair = lambda k0, k1: torch.stack([self._key_binned(k0, hr), self._key_binned(k1, hr)])  # noqa: E731
-        key_t, key_lr, key_ok, weights = self._slot_keys(wins, hr, pair, dev)
+        lr_t, ok, key_t, key_lr, key_ok, weights = self._slot_inputs(wins, lr, out, hr, pair)
         args = (out_t * span + lo, lr_t.to(out.dtype) * span + lo, ok, key_t.to(out.dtype) * span + lo,
                 key_lr.to(out.dtype) * span + lo, key_ok, weights)
         if not self._blind:

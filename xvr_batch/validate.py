@@ -47,7 +47,7 @@ import os
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -266,7 +266,7 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
     archive's consistency ``sigma``, with the LR denoising and refinement of ``reconstruct --refine lr``
     (:mod:`xvr_batch.refine`), and with ``transmission`` (``Calibration.transmission``) and items that carry their
     masks, its beam step."""
-    from xvr_batch.refine import lr_denoise, lr_refine
+    from xvr_batch.refine import REFINE_STEPS, lr_denoise, lr_refine
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -299,10 +299,11 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
                 y = model.forward_features(lr, feats, base).float()[:, :, 0]  # B, n_out, H, W
             if sigma is not None:
                 slots = list(range(model.cfg.num_lr)) if model.cfg.head == "all" else [model.cfg.num_lr // 2]
-                if transmission is not None and all(c.measured is not None for c in chunk):
+                masks = transmission is not None and all(c.measured is not None for c in chunk)
+                if masks and "motion" in REFINE_STEPS:
                     y = _motion(y, measured, chunk, slots, s, transmission, sigma)
                 y = lr_refine(y, measured, sigma, slots, s)
-                if transmission is not None and all(c.measured is not None for c in chunk):
+                if masks:
                     y = _beam(y, measured, chunk, slots, s, transmission)
             for i, c in enumerate(chunk):
                 outs.append(y[i, c.slot if model.cfg.head == "all" else 0].cpu().numpy())
@@ -311,26 +312,45 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
     return outs
 
 
+class _OwnSlots(NamedTuple):
+    """Each item's own output slot and what the motion and beam steps read for it (B rows, on the device)."""
+    rows: torch.Tensor  # 0 .. B-1
+    js: list[int]  # the item's output slot
+    lrs: list[int]  # and its LR frame
+    lr: torch.Tensor  # B, h, w: the measured LR frame
+    ok: torch.Tensor  # B, h, w: where it was measured
+    keys: torch.Tensor  # B, 2, H, W
+    key_lr: torch.Tensor  # B, 2, h, w: the LR frames at the keys' times
+    key_ok: torch.Tensor  # B, 2, h, w: where those were measured
+    weights: torch.Tensor  # B, float64: the time weight between the keys
+
+
+def _own_slots(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs],
+               slots: Sequence[int]) -> _OwnSlots:
+    """The :class:`_OwnSlots` of a chunk: ``y`` (B, n_out, H, W) the network's outputs, ``measured`` (B, NL, h, w)
+    the measured LR frames, ``slots`` the LR frame of each output slot."""
+    dev = y.device
+    js = [c.slot if len(slots) > 1 else 0 for c in chunk]
+    lrs = [slots[j] for j in js]
+    rows = torch.arange(len(chunk), device=dev)
+    stack = lambda arrays: torch.from_numpy(np.stack(arrays)).to(dev)  # noqa: E731
+    return _OwnSlots(rows, js, lrs, measured[rows, lrs], stack([c.measured[j] for c, j in zip(chunk, lrs)]),
+                     stack([c.keys for c in chunk]), stack([c.key_lr for c in chunk]),
+                     stack([c.key_measured for c in chunk]),
+                     torch.tensor([time_weight(c.frames[j], *c.times) for c, j in zip(chunk, lrs)],
+                                  dtype=torch.float64, device=dev))
+
+
 def _motion(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], slots: Sequence[int], s: int,
             transmission: tuple[float, float], sigma: float) -> torch.Tensor:
     """The motion step of ``reconstruct --refine lr`` (:func:`xvr_batch.motion.motion_fuse`) on each item's own
     output slot; the other slots are left as they are (they are not read)."""
     from xvr_batch.motion import motion_fuse
 
-    dev = y.device
-    js = [c.slot if len(slots) > 1 else 0 for c in chunk]  # each item's output slot
-    lrs = [slots[j] for j in js]  # and its LR frame
-    rows = torch.arange(len(chunk), device=dev)
-    weights = torch.tensor([time_weight(c.frames[lr_slot], *c.times) for c, lr_slot in zip(chunk, lrs)],
-                           dtype=torch.float64, device=dev)
-    fused = motion_fuse(y[rows, js], measured[rows, lrs],
-                        torch.from_numpy(np.stack([c.measured[j] for c, j in zip(chunk, lrs)])).to(dev),
-                        torch.from_numpy(np.stack([c.keys for c in chunk])).to(dev),
-                        torch.from_numpy(np.stack([c.key_lr for c in chunk])).to(dev),
-                        torch.from_numpy(np.stack([c.key_measured for c in chunk])).to(dev), weights, sigma, s,
-                        *transmission)
+    o = _own_slots(y, measured, chunk, slots)
     y = y.clone()
-    y[rows, js] = fused
+    y[o.rows, o.js] = motion_fuse(y[o.rows, o.js], o.lr, o.ok, o.keys, o.key_lr, o.key_ok, o.weights, sigma, s,
+                                  *transmission)
     return y
 
 
@@ -342,18 +362,11 @@ def _beam(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], s
 
     lo, span = transmission
     dev = y.device
-    js = [c.slot if len(slots) > 1 else 0 for c in chunk]  # each item's output slot
-    lrs = [slots[j] for j in js]  # and its LR frame
-    rows = torch.arange(len(chunk), device=dev)
+    o = _own_slots(y, measured, chunk, slots)
+    rows, js, ok = o.rows, o.js, o.ok
     out_t = torch.nn.functional.avg_pool2d(y[rows, js][:, None], s)[:, 0]  # B, h, w
-    keys = torch.from_numpy(np.stack([c.keys for c in chunk])).to(dev)  # B, 2, H, W
-    key_t = torch.nn.functional.avg_pool2d(keys, s)
-    weights = torch.tensor([time_weight(c.frames[lr_slot], *c.times) for c, lr_slot in zip(chunk, lrs)],
-                           dtype=torch.float64, device=dev)
-    ok = torch.from_numpy(np.stack([c.measured[j] for c, j in zip(chunk, lrs)])).to(dev)
-    args = (out_t * span + lo, measured[rows, lrs] * span + lo, ok, key_t * span + lo,
-            torch.from_numpy(np.stack([c.key_lr for c in chunk])).to(dev) * span + lo,
-            torch.from_numpy(np.stack([c.key_measured for c in chunk])).to(dev), weights)
+    key_t = torch.nn.functional.avg_pool2d(o.keys, s)
+    args = (out_t * span + lo, o.lr * span + lo, ok, key_t * span + lo, o.key_lr * span + lo, o.key_ok, o.weights)
     blind_step = "blind" in REFINE_STEPS
     g, gb = beam_gains(*args, blind=True) if blind_step else (beam_gains(*args), None)
     gains = torch.ones(y.shape[:2], dtype=torch.float64, device=dev)
