@@ -208,9 +208,10 @@ from xvr_batch.backends import BACKENDS, backend_options  # noqa: E402  (the bac
 @click.option("--attention", type=click.Choice(["sdpa", "flex"]), default="sdpa", show_default=True,
               help="Window attention kernel: sdpa, or flex (FlexAttention; fast with --compile).")
 @click.option("--refine", type=click.Choice(["lr", "none"]), default="lr", show_default=True,
-              help="lr: put back into each frame the part of its LR residual that stands above the noise (what the "
-                   "network missed, e.g. an object between key frames), and scale it by the beam's intensity change "
-                   "since its key frames (a flickering beam); none: the network's output as it is.")
+              help="lr: take the key frames, moved to match the LR frame, where something moved beyond the network's "
+                   "reach; put back into each frame the part of its LR residual that stands above the noise (what the "
+                   "network missed, e.g. an object between key frames); and scale it by the beam's intensity change "
+                   "since its key frames (a flickering beam). none: the network's output as it is.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--force-replan", is_flag=True, help="Discard an incompatible earlier work directory and start over.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the work directory (manifest, parts) after success.")
