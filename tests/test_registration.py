@@ -231,3 +231,64 @@ def test_registered_output_is_byte_identical_across_unit_sizes(run_cli, tmp_path
     k = 2
     got, want = outs[0][idx[k]][outside], keys[k][outside]
     assert np.abs(got - want).max() < 1e-2 * max(1.0, float(np.abs(want).max()))
+
+
+def _shifted_pairs(seed: int, shift_lr: tuple[float, float], n: int = 3):
+    """HR key frames of a smooth random field and LR frames that see it shifted by ``shift_lr`` LR px."""
+    from scipy import ndimage
+    rng = np.random.default_rng(seed)
+    lrs, hrs = [], []
+    for _ in range(n):
+        field = ndimage.gaussian_filter(rng.normal(size=(160, 160)), 3.0)
+        field = (field - field.min()) / np.ptp(field)
+        hr = field[16:144, 16:144]
+        moved = ndimage.shift(field, (-4 * shift_lr[1], -4 * shift_lr[0]), order=3)[16:144, 16:144]
+        lrs.append(moved.reshape(32, 4, 32, 4).mean(axis=(1, 3)))
+        hrs.append(hr)
+    return lrs, hrs
+
+
+def test_fit_leaves_out_clipped_readings():
+    # the LR camera clips the brightest third of every frame: those readings are not the field, and a fit that
+    # uses them is pulled off the true shift; with the validity maps it is not
+    lrs, hrs = _shifted_pairs(5, (0.3, -0.2))
+    truth = np.array([[1.0, 0, 0.3], [0, 1.0, -0.2]])
+    level = [float(np.quantile(x, 0.66)) for x in lrs]
+    clipped = [np.minimum(x, c) for x, c in zip(lrs, level)]
+    valid = [x < c for x, c in zip(lrs, level)]
+    masked = R.fit_pairs(clipped, hrs, 4, lr_valid=valid, local=True)
+    assert masked.displacement_px(truth) < 0.05, masked.summary()
+    plain = R.fit_pairs(clipped, hrs, 4, local=True)
+    assert plain.displacement_px(truth) > 2 * masked.displacement_px(truth)
+
+
+def test_cost_refuses_anticorrelated_matches():
+    # the per-pair linear fit takes an anticorrelated match with a negative gain and a small residual (a frame
+    # with a gradient turned by 180 degrees matches that way); the search must not start from one
+    lrs, hrs = _shifted_pairs(6, (0.0, 0.0))
+    ident = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    lv = R._Pairs(lrs, hrs, 4, 1)
+    assert math.isfinite(R._cost(lv, ident, [0, 1, 2]))
+    inverted = R._Pairs([1.0 - x for x in lrs], hrs, 4, 1)
+    assert np.mean(inverted.residuals(ident, [0, 1, 2])[0] ** 2) < 1e-3  # a perfect fit, for the linear model
+    assert R._cost(inverted, ident, [0, 1, 2]) == math.inf
+
+
+@pytest.mark.parametrize("seed,effects,misregistered", [
+    (29012, ["saturation", "read", "fpn", "defects", "flicker"], False),
+    (29017, ["texture", "saturation", "psf", "fpn", "defects", "flicker", "misreg"], True),
+])
+def test_auto_registration_of_standard_archives_with_detector_effects(tmp_path, seed, effects, misregistered):
+    # --registration auto on a standard archive: a local, masked fit. An aligned archive whose cameras clip and
+    # have defects is read as it is (the global search fitted a 0.4 px transform here); a misregistered one gets
+    # a transform close to the true one (the global search: 0.24 px off)
+    from xvr_batch.io.archive import Archive
+    p = tmp_path / "a.h5"
+    summary = synth.synthesize(p, n_frames=41, hr_shape=(128, 128), stride=20, seed=seed,
+                               families=["collide"] if misregistered else ["spatter"], effects=effects)
+    reg = R.resolve(Archive(str(p)), "auto")
+    if not misregistered:
+        assert reg is None
+    else:
+        truth = np.array(summary["effect_params"]["misreg"]["matrix"])
+        assert reg is not None and reg.displacement_px(truth) < 0.2, reg.summary()

@@ -24,7 +24,8 @@ Conventions (also in docs/TWO_CAMERAS.md)
 * The HR camera is the geometric reference; the LR camera is the time reference (see ``assemble``).
 
 Fit (:func:`fit_pairs`): on the key pairs (LR frame at each key time, HR key frame), flat-fielded when
-darks and flats exist. A Fourier-Mellin + phase-correlation start (rotation, scale, flip, shift), then a
+darks and flats exist, with the readings a camera did not measure (clipped, defective) left out. A
+Fourier-Mellin + phase-correlation start (rotation, scale, flip, shift; ``local``: the identity), then a
 joint robust least-squares refinement, coarse to fine, that samples the HR frame (box-filtered to the LR
 footprint) at the grid position of every LR pixel with a per-pair gain/offset; then every pair is refined
 alone and pairs that disagree with the joint fit are rejected as outliers, and the joint fit is redone.
@@ -325,10 +326,22 @@ def _fourier_mellin(lrs: list[np.ndarray], grids: list[np.ndarray]) -> tuple[flo
 class _Pairs:
     """Key pairs prepared for the fit at one pyramid level."""
 
-    def __init__(self, lrs: list[np.ndarray], hrs: list[np.ndarray], scale: int, level: int):
+    def __init__(self, lrs: list[np.ndarray], hrs: list[np.ndarray], scale: int, level: int,
+                 lr_valid: Sequence[np.ndarray | None] | None = None,
+                 hr_valid: Sequence[np.ndarray | None] | None = None):
         self.level = level
         self.s = scale
         self.lr = [_block(x, level) for x in lrs]
+        # pixels a camera did not measure (clipped, defective): an LR pixel (this level) counts only if all of
+        # its fine pixels are valid, and only where its HR footprint holds no invalid HR pixel
+        n = len(lrs)
+        lr_valid = list(lr_valid) if lr_valid is not None else [None] * n
+        hr_valid = list(hr_valid) if hr_valid is not None else [None] * n
+        self.lr_ok = [None if v is None or v.all() else (_block(v.astype(np.float64), level) > 0.999).ravel()
+                      for v in lr_valid]
+        self.hr_bad = [None if v is None or v.all() else
+                       ndimage.uniform_filter((~v).astype(np.float64), size=scale * level, mode="nearest")
+                       for v in hr_valid]
         h, w = self.lr[0].shape
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
         # fine-LR coordinates of the coarse pixels' centres
@@ -349,7 +362,17 @@ class _Pairs:
         half = self.s * self.level / 2
         inside = (X >= half - 0.5) & (X <= W - half - 0.5) & (Y >= half - 0.5) & (Y <= H - half - 0.5)
         vals = ndimage.map_coordinates(self.box[k], [Y, X], order=1, mode="nearest")
-        return vals, inside
+        return vals, inside & self.valid(m, k)
+
+    def valid(self, m: np.ndarray, k: int) -> np.ndarray:
+        """LR pixels (this level) of pair ``k`` that both cameras measured under ``m`` (all True without masks)."""
+        ok = np.ones(self.lrv[k].size, bool) if self.lr_ok[k] is None else self.lr_ok[k].copy()
+        if self.hr_bad[k] is not None:
+            u = m[0, 0] * self.x + m[0, 1] * self.y + m[0, 2]
+            v = m[1, 0] * self.x + m[1, 1] * self.y + m[1, 2]
+            X, Y = self.s * u + self.off, self.s * v + self.off
+            ok &= ndimage.map_coordinates(self.hr_bad[k], [Y, X], order=1, mode="nearest") < 1e-6
+        return ok
 
     def inside(self, m: np.ndarray, margin: float = 1.0) -> np.ndarray:
         """LR pixels (this level) that land at least ``margin`` grid px inside the HR field under ``m``."""
@@ -359,15 +382,16 @@ class _Pairs:
         e = (self.level - 1) / 2 + margin
         return (u >= e - 0.5) & (u <= gw - 0.5 - e) & (v >= e - 0.5) & (v <= gh - 0.5 - e)
 
-    def residuals(self, m: np.ndarray, pairs: Sequence[int], mask: np.ndarray | None = None):
-        """Residuals (zero outside the mask: a mask fixed during one optimisation keeps the cost smooth)
-        and per-pair (ncc, overlap fraction, relative rms residual)."""
+    def residuals(self, m: np.ndarray, pairs: Sequence[int], mask: dict[int, np.ndarray] | None = None):
+        """Residuals (zero outside the masks, one per pair: masks fixed during one optimisation keep the cost
+        smooth; without them, the pixels inside the field that both cameras measured) and per-pair (ncc,
+        overlap fraction, relative rms residual)."""
         out = []
         stats = []
         for k in pairs:
             vals, inside = self.sample(m, k)
             if mask is not None:
-                inside = mask
+                inside = mask[k]
             lr = self.lrv[k]
             n_in = int(inside.sum())
             if n_in < 16:
@@ -425,9 +449,9 @@ def _refine(pyr: list[_Pairs], m: np.ndarray, flip: bool, pairs, lr_shape, affin
     p = _centre_param(m, lr_shape, radius, affine)
     for i, lv in enumerate(pyr):
         for _round in range(2 if i == len(pyr) - 1 else 1):
-            mask = lv.inside(_matrix(p, flip, radius, affine))
-            if mask.sum() < 16:
-                mask = None
+            m0 = _matrix(p, flip, radius, affine)
+            geo = lv.inside(m0)
+            mask = None if geo.sum() < 16 else {k: geo & lv.valid(m0, k) for k in pairs}
 
             def fun(q, lv=lv, mask=mask):
                 return lv.residuals(_matrix(q, flip, radius, affine), pairs, mask)[0]
@@ -437,9 +461,27 @@ def _refine(pyr: list[_Pairs], m: np.ndarray, flip: bool, pairs, lr_shape, affin
     return _matrix(p, flip, radius, affine)
 
 
+def _cost(lv: _Pairs, m: np.ndarray, pairs: Sequence[int]) -> float:
+    """Mean squared residual of ``m``; infinite when the cameras anti-correlate under it (the per-pair linear
+    fit absorbs a negative gain, and a 180 degree turn of a frame with a gradient matches that way)."""
+    r_, st = lv.residuals(m, pairs)
+    return float(np.mean(r_ ** 2)) if np.mean([c[0] for c in st]) > 0 else math.inf
+
+
 def fit_pairs(lrs: Sequence[np.ndarray], hrs: Sequence[np.ndarray], scale: int, affine: bool = False,
-              log: Callable[[str], None] = lambda s: None, where: str = "archive") -> Registration:
-    """Fit the LR -> grid transform on flat-fielded key pairs. Raises :class:`RegistrationError`."""
+              log: Callable[[str], None] = lambda s: None, where: str = "archive",
+              lr_valid: Sequence[np.ndarray | None] | None = None,
+              hr_valid: Sequence[np.ndarray | None] | None = None, local: bool = False) -> Registration:
+    """Fit the LR -> grid transform on flat-fielded key pairs. Raises :class:`RegistrationError`.
+
+    ``lr_valid`` / ``hr_valid``: per pair, boolean maps of the pixels each camera measured (None: all); a
+    clipped or defective pixel is not a linear reading of the field and biases the fit (a clipped LR camera
+    moved the fitted shift by up to 0.7 LR px), so the refinement leaves out every LR pixel that is invalid or
+    whose HR footprint holds an invalid HR pixel.
+
+    ``local``: the views are known to be nearly aligned (a standard archive, whose LR frame is the HR frame
+    binned): refine from the identity instead of searching rotations, scales, flips and shifts. On small
+    frames with a gradient the search can land on a wrong basin that the refinement cannot leave."""
     lrs = [np.asarray(x, np.float64) for x in lrs]
     hrs = [np.asarray(x, np.float64) for x in hrs]
     if len(lrs) == 0:
@@ -453,10 +495,24 @@ def fit_pairs(lrs: Sequence[np.ndarray], hrs: Sequence[np.ndarray], scale: int, 
     grids = [_block(x, scale) for x in hrs]
     pairs = list(range(len(lrs)))
     levels = [f for f in (4, 2) if min(lr_shape) // f >= 16] + [1]
-    pyr = [_Pairs(lrs, hrs, scale, f) for f in levels]
+    # the start searches with every pixel (a mask changes which candidates look good: few valid pixels make a
+    # low cost); the refinement and the statistics leave out the pixels a camera did not measure
+    start = [_Pairs(lrs, hrs, scale, levels[0])]
+    pyr = [_Pairs(lrs, hrs, scale, f, lr_valid, hr_valid) for f in levels]
     fine = pyr[-1]
 
-    # --- start: Fourier-Mellin (rotation, scale), both flips and the pi ambiguity, phase correlation (shift)
+    if local and lr_shape == grid_shape:
+        flip = False
+        m = _refine(pyr, np.array([[1.0, 0, 0], [0, 1.0, 0]]), flip, pairs, lr_shape, affine)
+    else:
+        flip, m = _search(lrs, grids, pairs, start, lr_shape, grid_shape)
+        m = _refine(pyr, m, flip, pairs, lr_shape, affine)
+    return _finish(m, flip, pairs, fine, lr_shape, grid_shape, affine, log, where)
+
+
+def _search(lrs, grids, pairs, start, lr_shape, grid_shape):
+    """The global start: Fourier-Mellin (rotation, scale), both flips and the pi ambiguity, phase correlation
+    (shift), the best of three candidates refined at the coarsest level. Returns (flip, matrix)."""
     try:
         theta0, s0 = _fourier_mellin(lrs[:8], grids[:8])
     except (ValueError, FloatingPointError):
@@ -485,17 +541,19 @@ def fit_pairs(lrs: Sequence[np.ndarray], hrs: Sequence[np.ndarray], scale: int, 
                 # lr(y) ~ wg(y - d): LR pixel x sees what warped-grid pixel x - d sees
                 m2 = m.copy()
                 m2[:, 2] = m[:, :2] @ np.array([-dx, -dy], float) + m[:, 2]
-                r_, st = pyr[0].residuals(m2, pairs)
-                cands.append((float(np.mean(r_ ** 2)), flip, m2))
+                cands.append((_cost(start[0], m2, pairs), flip, m2))
     cands.sort(key=lambda c: c[0])
     best = None
     for cost, flip, m in cands[:3]:
-        mr = _refine(pyr[:1], m, flip, pairs, lr_shape, False, max_nfev=40)
-        c = float(np.mean(pyr[0].residuals(mr, pairs)[0] ** 2))
+        mr = _refine(start, m, flip, pairs, lr_shape, False, max_nfev=40)
+        c = _cost(start[0], mr, pairs)
         if best is None or c < best[0]:
             best = (c, flip, mr)
     _, flip, m = best
-    m = _refine(pyr, m, flip, pairs, lr_shape, affine)
+    return flip, m
+
+
+def _finish(m, flip, pairs, fine, lr_shape, grid_shape, affine, log, where) -> Registration:
 
     # --- outliers: refine each pair alone, reject those that disagree with the joint fit
     reg = Registration(m, lr_shape, grid_shape)
@@ -557,19 +615,54 @@ def _flat(frame: np.ndarray, dark, flat) -> np.ndarray:
 
 def key_pairs(archive, max_pairs: int = MAX_PAIRS) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Flat-fielded (LR at key time, HR key frame) pairs, up to ``max_pairs`` evenly spaced."""
-    k_all = len(archive.hr_index)
-    picks = sorted({int(round(i)) for i in np.linspace(0, k_all - 1, min(k_all, max_pairs))})
-    cal = {c: archive.calibration(c) for c in ("dark_lr", "white_lr", "dark_hr", "white_hr")}
-    lrs, hrs = [], []
-    for k in picks:
-        lrs.append(_flat(archive.read_lr_at([int(archive.hr_index[k])])[0], cal["dark_lr"], cal["white_lr"]))
-        hrs.append(_flat(archive.read_hr(k), cal["dark_hr"], cal["white_hr"]))
+    lrs, hrs, _, _ = key_pairs_valid(archive, max_pairs)
     return lrs, hrs
 
 
-def fit_archive(archive, affine: bool = False, log: Callable[[str], None] = lambda s: None) -> Registration:
-    lrs, hrs = key_pairs(archive)
-    return fit_pairs(lrs, hrs, archive.scale, affine=affine, log=log, where=archive.path)
+def key_pairs_valid(archive, max_pairs: int = MAX_PAIRS):
+    """:func:`key_pairs` and, per pair, the boolean maps of the LR and HR pixels the camera measured: not
+    within :data:`~xvr_batch.pixelmask.CLIP_MARGIN` of its clip level, not defective (:mod:`xvr_batch.pixelmask`).
+
+    The frames are flat-fielded with :func:`xvr_batch.normalise.cameras`, as the reconstruction does: an LR
+    flat that clipped is estimated from the HR flat. A pixel whose flat clipped and could not be estimated
+    stays in: its value is off by a smooth gain, which the fit's per-pair gain and robust loss absorb, while
+    leaving such pixels out can leave a tenth of the field. Invalid pixels take the mean of their valid
+    neighbours, for the global search, which sees every pixel."""
+    from xvr_batch.normalise import cameras
+    from xvr_batch.pixelmask import CLIP_MARGIN, inpaint
+
+    k_all = len(archive.hr_index)
+    picks = sorted({int(round(i)) for i in np.linspace(0, k_all - 1, min(k_all, max_pairs))})
+    has = {c: archive.calibration(f"dark_{c}") is not None and archive.calibration(f"white_{c}") is not None
+           for c in ("lr", "hr")}
+    cams = cameras(archive, has["lr"], has["hr"])
+
+    def prep(raw: np.ndarray, cam) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(raw, np.float64)
+        ok = np.isfinite(x)
+        dark = 0.0 if cam.dark is None else np.asarray(cam.dark, np.float64)
+        if cam.level is not None:
+            ok &= x < cam.level - CLIP_MARGIN * np.maximum(cam.level - dark, 0.0)
+        if cam.defect is not None:
+            ok &= ~cam.defect
+        y = np.nan_to_num(x) - dark
+        if cam.gain is not None:
+            y = y * cam.gain
+        return inpaint(np.where(ok, y, 0.0), ~ok), ok
+
+    lrs, hrs, lr_ok, hr_ok = [], [], [], []
+    for k in picks:
+        a, oa = prep(archive.read_lr_at([int(archive.hr_index[k])])[0], cams["lr"])
+        b, ob = prep(archive.read_hr(k), cams["hr"])
+        lrs.append(a), lr_ok.append(oa), hrs.append(b), hr_ok.append(ob)
+    return lrs, hrs, lr_ok, hr_ok
+
+
+def fit_archive(archive, affine: bool = False, log: Callable[[str], None] = lambda s: None,
+                local: bool = False) -> Registration:
+    lrs, hrs, lr_ok, hr_ok = key_pairs_valid(archive)
+    return fit_pairs(lrs, hrs, archive.scale, affine=affine, log=log, where=archive.path, lr_valid=lr_ok,
+                     hr_valid=hr_ok, local=local)
 
 
 def resolve(archive, mode: str | None, log: Callable[[str], None] = lambda s: None) -> Registration | None:
@@ -597,7 +690,7 @@ def resolve(archive, mode: str | None, log: Callable[[str], None] = lambda s: No
     if min(archive.lr_shape) < 16:  # too small to fit a transform: read as it is (plan shows "none")
         return None
     try:
-        reg = fit_archive(archive, log=log)
+        reg = fit_archive(archive, log=log, local=True)
     except RegistrationError as exc:
         ident = _identity_score(archive)
         if ident is None or ident >= 0.9:
