@@ -292,3 +292,14 @@ def test_auto_registration_of_standard_archives_with_detector_effects(tmp_path, 
     else:
         truth = np.array(summary["effect_params"]["misreg"]["matrix"])
         assert reg is not None and reg.displacement_px(truth) < 0.2, reg.summary()
+
+
+def test_local_fit_falls_back_to_the_search_when_far_from_the_identity():
+    # a "standard" archive that is not nearly aligned (6 LR px off): the fit from the identity does not
+    # correlate, so the global search runs and finds the shift
+    lrs, hrs = _shifted_pairs(5, (6.0, 4.0))
+    truth = np.array([[1.0, 0, 6.0], [0, 1.0, 4.0]])
+    lv = R._Pairs(lrs, hrs, 4, 1)
+    assert np.mean([s[0] for s in lv.residuals(np.array([[1.0, 0, 0], [0, 1.0, 0]]), [0, 1, 2])[1]]) < 0.5
+    reg = R.fit_pairs(lrs, hrs, 4, local=True)
+    assert reg.displacement_px(truth) < 0.05, reg.summary()

@@ -59,6 +59,8 @@ MIN_OVERLAP = 0.5
 MIN_NCC = 0.3
 MAX_RESIDUAL = 1.0
 MAX_PAIRS = 12
+#: ``local`` fits keep the fit from the identity when its correlation reaches this, else search globally
+LOCAL_MIN_NCC = 0.9
 #: Spline order of ``Registration.warp`` (LR onto the grid: the fit's residual maps and the plot; 3: cubic B-spline).
 WARP_ORDER = 3
 HOW_BY_HAND = ("give the transform by hand: --registration FILE.json with {\"matrix\": [[a, b, tx], "
@@ -481,7 +483,9 @@ def fit_pairs(lrs: Sequence[np.ndarray], hrs: Sequence[np.ndarray], scale: int, 
 
     ``local``: the views are known to be nearly aligned (a standard archive, whose LR frame is the HR frame
     binned): refine from the identity instead of searching rotations, scales, flips and shifts. On small
-    frames with a gradient the search can land on a wrong basin that the refinement cannot leave."""
+    frames with a gradient the search can land on a wrong basin that the refinement cannot leave. When the
+    refined fit correlates less than :data:`LOCAL_MIN_NCC` (the archive is not nearly aligned after all), the
+    global search runs as without ``local``."""
     lrs = [np.asarray(x, np.float64) for x in lrs]
     hrs = [np.asarray(x, np.float64) for x in hrs]
     if len(lrs) == 0:
@@ -502,11 +506,12 @@ def fit_pairs(lrs: Sequence[np.ndarray], hrs: Sequence[np.ndarray], scale: int, 
     fine = pyr[-1]
 
     if local and lr_shape == grid_shape:
-        flip = False
-        m = _refine(pyr, np.array([[1.0, 0, 0], [0, 1.0, 0]]), flip, pairs, lr_shape, affine)
-    else:
-        flip, m = _search(lrs, grids, pairs, start, lr_shape, grid_shape)
-        m = _refine(pyr, m, flip, pairs, lr_shape, affine)
+        m = _refine(pyr, np.array([[1.0, 0, 0], [0, 1.0, 0]]), False, pairs, lr_shape, affine)
+        if np.mean([st[0] for st in fine.residuals(m, pairs)[1]]) >= LOCAL_MIN_NCC:
+            return _finish(m, False, pairs, fine, lr_shape, grid_shape, affine, log, where)
+        # not nearly aligned after all (no local fit correlates): the global search
+    flip, m = _search(lrs, grids, pairs, start, lr_shape, grid_shape)
+    m = _refine(pyr, m, flip, pairs, lr_shape, affine)
     return _finish(m, flip, pairs, fine, lr_shape, grid_shape, affine, log, where)
 
 
