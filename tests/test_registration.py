@@ -303,3 +303,20 @@ def test_local_fit_falls_back_to_the_search_when_far_from_the_identity():
     assert np.mean([s[0] for s in lv.residuals(np.array([[1.0, 0, 0], [0, 1.0, 0]]), [0, 1, 2])[1]]) < 0.5
     reg = R.fit_pairs(lrs, hrs, 4, local=True)
     assert reg.displacement_px(truth) < 0.05, reg.summary()
+
+
+def test_auto_does_not_apply_a_search_fit_that_correlates_poorly(tmp_path):
+    # HR flats equal to the darks (a broken calibration): every HR pixel looks defective and the HR frames cannot
+    # be flat-fielded, so no fit from the identity correlates and the search finds a wild transform (37 px,
+    # -175 deg, ncc 0.68 here); auto must read the archive as it is rather than apply that
+    from xvr_batch.io.archive import Archive
+    p = tmp_path / "a.h5"
+    synth.synthesize(p, n_frames=41, hr_shape=(128, 128), stride=20, seed=29000, families=["particles"],
+                     effects=["texture", "saturation", "read", "misreg"])
+    with h5py.File(p, "r+") as f:
+        d = f["exchange/data_dark_hr"][()].mean(0)
+        w = f["exchange/data_white_hr"]
+        w[...] = np.broadcast_to(d, w.shape).astype(w.dtype)
+    logs: list[str] = []
+    assert R.resolve(Archive(str(p)), "auto", log=logs.append) is None
+    assert any("correlates less than" in m for m in logs), logs

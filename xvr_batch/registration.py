@@ -59,8 +59,11 @@ MIN_OVERLAP = 0.5
 MIN_NCC = 0.3
 MAX_RESIDUAL = 1.0
 MAX_PAIRS = 12
-#: ``local`` fits keep the fit from the identity when its correlation reaches this, else search globally
+#: ``local`` fits keep the fit from the identity when its correlation reaches this, else search globally; ``auto``
+#: applies a fit from the global search to a standard archive only if it correlates this well
 LOCAL_MIN_NCC = 0.9
+#: below this share of valid pixels (mean over the key pairs), a camera's validity mask is not used
+MIN_VALID = 0.25
 #: Spline order of ``Registration.warp`` (LR onto the grid: the fit's residual maps and the plot; 3: cubic B-spline).
 WARP_ORDER = 3
 HOW_BY_HAND = ("give the transform by hand: --registration FILE.json with {\"matrix\": [[a, b, tx], "
@@ -508,11 +511,15 @@ def fit_pairs(lrs: Sequence[np.ndarray], hrs: Sequence[np.ndarray], scale: int, 
     if local and lr_shape == grid_shape:
         m = _refine(pyr, np.array([[1.0, 0, 0], [0, 1.0, 0]]), False, pairs, lr_shape, affine)
         if np.mean([st[0] for st in fine.residuals(m, pairs)[1]]) >= LOCAL_MIN_NCC:
-            return _finish(m, False, pairs, fine, lr_shape, grid_shape, affine, log, where)
+            reg = _finish(m, False, pairs, fine, lr_shape, grid_shape, affine, log, where)
+            reg.stats["start"] = "identity"
+            return reg
         # not nearly aligned after all (no local fit correlates): the global search
     flip, m = _search(lrs, grids, pairs, start, lr_shape, grid_shape)
     m = _refine(pyr, m, flip, pairs, lr_shape, affine)
-    return _finish(m, flip, pairs, fine, lr_shape, grid_shape, affine, log, where)
+    reg = _finish(m, flip, pairs, fine, lr_shape, grid_shape, affine, log, where)
+    reg.stats["start"] = "search"
+    return reg
 
 
 def _search(lrs, grids, pairs, start, lr_shape, grid_shape):
@@ -650,9 +657,11 @@ def key_pairs_valid(archive, max_pairs: int = MAX_PAIRS):
             ok &= x < cam.level - CLIP_MARGIN * np.maximum(cam.level - dark, 0.0)
         if cam.defect is not None:
             ok &= ~cam.defect
-        y = np.nan_to_num(x) - dark
-        if cam.gain is not None:
-            y = y * cam.gain
+        with np.errstate(invalid="ignore", over="ignore"):
+            y = np.nan_to_num(x) - dark
+            if cam.gain is not None:
+                y = y * cam.gain
+        ok &= np.isfinite(y)  # a dark or flat that is not a number
         return inpaint(np.where(ok, y, 0.0), ~ok), ok
 
     lrs, hrs, lr_ok, hr_ok = [], [], [], []
@@ -660,6 +669,11 @@ def key_pairs_valid(archive, max_pairs: int = MAX_PAIRS):
         a, oa = prep(archive.read_lr_at([int(archive.hr_index[k])])[0], cams["lr"])
         b, ob = prep(archive.read_hr(k), cams["hr"])
         lrs.append(a), lr_ok.append(oa), hrs.append(b), hr_ok.append(ob)
+    # a mask that leaves out most of a camera's field says more about its calibration (a flat equal to the
+    # dark marks every pixel defective) than about its pixels: that camera is then fitted as it reads
+    for oks in (lr_ok, hr_ok):
+        if np.mean([o.mean() for o in oks]) < MIN_VALID:
+            oks[:] = [np.ones_like(o) for o in oks]
     return lrs, hrs, lr_ok, hr_ok
 
 
@@ -705,6 +719,10 @@ def resolve(archive, mode: str | None, log: Callable[[str], None] = lambda s: No
     st = reg.stats
     better = st["residual"] < (1 - MIN_IMPROVEMENT) * st["residual_identity"]
     if reg.is_identity() or not better:
+        return None
+    if st.get("start") == "search" and not st["ncc"] >= LOCAL_MIN_NCC:
+        log(f"registration: the fitted transform ({reg.summary()}) correlates less than {LOCAL_MIN_NCC}; the "
+            "archive is read as it is (give a transform with --registration FILE.json if it is misregistered)")
         return None
     log(f"registration (fitted at plan time): {reg.summary()}")
     return reg
