@@ -320,3 +320,25 @@ def test_auto_does_not_apply_a_search_fit_that_correlates_poorly(tmp_path):
     logs: list[str] = []
     assert R.resolve(Archive(str(p)), "auto", log=logs.append) is None
     assert any("correlates less than" in m for m in logs), logs
+
+
+def _fitted(shift_x: float, **stats) -> R.Registration:
+    st = {"residual": 0.08, "residual_identity": 0.10, "ncc": 0.99, "consistency_px": 0.05, "start": "identity"}
+    st.update(stats)
+    return R.Registration(np.array([[1.0, 0, shift_x], [0, 1.0, 0]]), (32, 32), (32, 32), stats=st)
+
+
+@pytest.mark.parametrize("reg,applied,reason", [
+    (_fitted(0.4), True, None),
+    (_fitted(0.2), False, ""),  # within IDENTITY_TOL_PX
+    (_fitted(0.4, residual=0.095), False, ""),  # lowers the residual by 5 %, less than MIN_IMPROVEMENT
+    (_fitted(3.0, start="search", ncc=0.68), False, "correlates less than"),
+    (_fitted(3.0, start="search", ncc=0.95), True, None),
+    (_fitted(0.4, consistency_px=0.67), False, "scatter by 0.67 px"),
+    (_fitted(0.4, consistency_px=None), True, None),  # fewer than 3 pairs: no scatter to compare with
+])
+def test_why_auto_does_not_apply_a_fit(reg, applied, reason):
+    why = R.why_not_applied(reg)
+    assert (why is None) == applied
+    if reason is not None:
+        assert reason in why
