@@ -367,7 +367,7 @@ class _Pairs:
         half = self.s * self.level / 2
         inside = (X >= half - 0.5) & (X <= W - half - 0.5) & (Y >= half - 0.5) & (Y <= H - half - 0.5)
         vals = ndimage.map_coordinates(self.box[k], [Y, X], order=1, mode="nearest")
-        return vals, inside & self.valid(m, k)
+        return vals, inside
 
     def valid(self, m: np.ndarray, k: int) -> np.ndarray:
         """LR pixels (this level) of pair ``k`` that both cameras measured under ``m`` (all True without masks)."""
@@ -395,8 +395,8 @@ class _Pairs:
         stats = []
         for k in pairs:
             vals, inside = self.sample(m, k)
-            if mask is not None:
-                inside = mask[k]
+            # a fixed mask already holds the validity (computed once per optimisation, not per evaluation)
+            inside = mask[k] if mask is not None else inside & self.valid(m, k)
             lr = self.lrv[k]
             n_in = int(inside.sum())
             if n_in < 16:
@@ -641,7 +641,7 @@ def key_pairs_valid(archive, max_pairs: int = MAX_PAIRS):
     leaving such pixels out can leave a tenth of the field. Invalid pixels take the mean of their valid
     neighbours, for the global search, which sees every pixel."""
     from xvr_batch.normalise import cameras
-    from xvr_batch.pixelmask import CLIP_MARGIN, inpaint
+    from xvr_batch.pixelmask import inpaint, near_clip
 
     k_all = len(archive.hr_index)
     picks = sorted({int(round(i)) for i in np.linspace(0, k_all - 1, min(k_all, max_pairs))})
@@ -651,10 +651,8 @@ def key_pairs_valid(archive, max_pairs: int = MAX_PAIRS):
 
     def prep(raw: np.ndarray, cam) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(raw, np.float64)
-        ok = np.isfinite(x)
         dark = 0.0 if cam.dark is None else np.asarray(cam.dark, np.float64)
-        if cam.level is not None:
-            ok &= x < cam.level - CLIP_MARGIN * np.maximum(cam.level - dark, 0.0)
+        ok = np.isfinite(x) & ~near_clip(x, dark, cam.level)
         if cam.defect is not None:
             ok &= ~cam.defect
         with np.errstate(invalid="ignore", over="ignore"):
