@@ -95,9 +95,9 @@ def run_options(f):
                      help="Tile overlap in LR pixels [2 windows]; at least one window."),
         click.option("--registration", default="auto", show_default=True, metavar="auto|none|FILE.json",
                      help="LR->HR view registration: auto = the archive's /exchange/registration, else one fitted "
-                          "on the key frames and applied only if it moves the LR field by more than 0.25 px and lowers "
-                          "the residual by 10 %; none; or a JSON file "
-                          "(docs/TWO_CAMERAS.md)."),
+                          "on the key frames (from the identity, clipped and defective readings left out) and applied "
+                          "only if it moves the LR field by more than 0.25 px, lowers the residual by 10 % and exceeds "
+                          "the scatter of the key pairs fitted alone; none; or a JSON file (docs/TWO_CAMERAS.md)."),
     ]
     for o in reversed(opts):
         f = o(f)
