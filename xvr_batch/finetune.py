@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import Dataset
 
 from xvr_batch.errors import UserError
+from xvr_batch.normalise import time_weight
 from xvr_batch.validate import ValidationContext, interior_keys, score_keys
 
 __all__ = ["FinetuneOptions", "run_finetune", "holdout_keys", "training_targets", "KeySamples", "MIN_KEYS"]
@@ -158,15 +159,17 @@ class KeySamples(Dataset):
     def _load(self, k: int, j: int, start: int | None, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         ctx = self._context()
         key = (k, -1 if start is None else start)
-        lr = self._lr.get(key)
-        if lr is None:
+        cached = self._lr.get(key)
+        if cached is None:
             item = ctx.inputs(k, self.num_lr, self.head, bracket=(k - j, k + j), start=start)
-            lr, slot = item.lr, item.slot
+            lr, slot, frames = item.lr, item.slot, item.frames
             if len(self._lr) > 512:
                 self._lr.pop(next(iter(self._lr)))
-            self._lr[key] = lr
+            self._lr[key] = (lr, frames)
         else:
-            slot = 0 if start is None else int(ctx.hr_index[k]) - start
+            (lr, frames), slot = cached, 0 if start is None else int(ctx.hr_index[k]) - start
+        t0, t1 = int(ctx.hr_index[k - j]), int(ctx.hr_index[k + j])
+        times = np.array([time_weight(t, t0, t1) for t in frames], dtype=np.float32)  # for a time_cond model
         keys = np.stack([ctx.hr_model(k - j), ctx.hr_model(k + j)])
         target = ctx.hr_model(k)[None]
         c, s = self.crop, self.scale
@@ -182,7 +185,8 @@ class KeySamples(Dataset):
         if tr:
             arrays = [a.transpose(0, 2, 1) for a in arrays]
         lr_t, hr_t, tg_t = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None] for a in arrays)
-        return {"lr": lr_t, "hr": hr_t, "target": tg_t, "slot": torch.tensor(slot, dtype=torch.long)}
+        return {"lr": lr_t, "hr": hr_t, "target": tg_t, "slot": torch.tensor(slot, dtype=torch.long),
+                "times": torch.from_numpy(times)}
 
     def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, int(g)])

@@ -779,6 +779,25 @@ class UnitRunner:
             self._keys.move_to_end(key)
         return img
 
+    def _time_inputs(self, wins, hr: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A ``time_cond`` model's extra inputs: (B, NL) each LR frame's time weight between its window's keys,
+        and with ``residual="key_mean"`` (B, 1, 1, H, W) the later key minus the earlier (cached per pair)."""
+        times = torch.tensor([[time_weight(t, self._hr_index[w_.keys[0]], self._hr_index[w_.keys[1]])
+                               for t in w_.frames] for w_ in wins], dtype=torch.float32, device=self.device)
+        if self.cfg.residual != "key_mean":
+            return times, None
+        deltas = []
+        for w_ in wins:
+            key = ("delta", w_.keys)
+            d = self._keys.get(key)
+            if d is None:
+                pair = np.stack([hr[w_.keys[0]], hr[w_.keys[1]]])[:, None]  # 2, 1, H, W
+                d = self._keys[key] = self.model.key_delta(torch.from_numpy(pair).to(self.device)[None])[0]
+            else:
+                self._keys.move_to_end(key)
+            deltas.append(d)
+        return times, torch.stack(deltas)
+
     def _model_dev(self, wins, lr_dev: tuple, hr: dict) -> torch.Tensor:
         """The model on one staged batch (see :meth:`_to_device`) -> (B, n_out, s h, s w) float32 on the device,
         in the model's frame (the LR camera's, upsampled)."""
@@ -796,12 +815,17 @@ class UnitRunner:
                                  self._key_feature(w_.keys[1], hr[w_.keys[1]], tile)]) for w_ in wins])
                 x = lr_t if tile is None else lr_t[..., tile.y0:tile.y1, tile.x0:tile.x1]
                 base = None
+                s = self.cfg.scale
                 if self.cfg.residual == "key_mean":
-                    s = self.cfg.scale
                     base = torch.stack([self._key_base(w_.keys, hr) for w_ in wins])  # B, 1, 1, H, W
                     if tile is not None:
                         base = base[..., tile.y0 * s:tile.y1 * s, tile.x0 * s:tile.x1 * s]
-                return self._features(x, feats, base).float()
+                if not self.cfg.time_cond:
+                    return self._features(x, feats, base).float()
+                times, delta = self._time_inputs(wins, hr)
+                if delta is not None and tile is not None:
+                    delta = delta[..., tile.y0 * s:tile.y1 * s, tile.x0 * s:tile.x1 * s]
+                return self._features(x, feats, base, times=times, delta=delta).float()
 
             tile = self.settings.get("tile")
             if tile:

@@ -37,6 +37,8 @@ A sample is drawn as follows (all from one random stream per sample, see *Determ
    1..S before the window start and 1..S after the window end (S = the archive's median key spacing,
    clipped to the archive), as in the authors' recipe ("key frames 1-20 frames before and after the
    target"). These are noise-free; no HR noise is added.
+   Each sample also carries ``times``: each LR frame's time weight between the two key frames it is given
+   (:func:`~xvr_batch.normalise.time_weight`), which a ``time_cond`` model reads.
 4. An aligned random crop: ``crop x crop`` LR pixels and ``4 crop x 4 crop`` HR pixels.
 5. With ``flips``: random vertical flip, horizontal flip and transpose, the same on LR, keys and target.
 6. With probability ``p_noise`` (default 0.5): Poisson noise on the LR frames only, in model space,
@@ -144,7 +146,7 @@ from xvr_batch.model.checkpoint import (
 )
 from xvr_batch.model.config import ModelConfig, preset
 from xvr_batch.model.swin_xvr import SwinXVR
-from xvr_batch.normalise import Calibration, Normalisation, fit_normalisation
+from xvr_batch.normalise import Calibration, Normalisation, fit_normalisation, time_weight
 from xvr_batch.plan import plan_windows, reflect
 
 __all__ = ["TrainOptions", "TrainingStopped", "run_training", "options_from_dict", "last_checkpoint_path", "DistEnv",
@@ -169,6 +171,10 @@ class TrainOptions:
     head: str = "all"
     num_lr: int | None = None
     """NL; ``None`` keeps the preset's (or the init weights') value."""
+    time_cond: bool | None = None
+    """Tell the network each LR frame's time between its keys (``ModelConfig.time_cond``); ``None`` keeps the
+    preset's (or the init weights') value. Turned on over init weights without it, the new parameters start at
+    zero, so training starts from exactly those weights' network."""
     init: str | None = None
     """Fine-tune start: our checkpoint, or an XFusion ``.pth`` (then ``xfusion_network_g`` is required)."""
     xfusion_network_g: str | dict | None = None
@@ -181,6 +187,9 @@ class TrainOptions:
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.99)
     eta_min: float = 1e-7
+    time_lr_mult: float = 30.0
+    """Learning rate of the time-conditioning parameters (``time_cond``) as a multiple of ``lr``: Adam moves a
+    parameter by about ``lr`` per step, and these start at zero with a useful range of about 1."""
     ema: float = 0.999
     drop_path: float | None = None
     """``None``: the preset's value (the paper's recipe is 0.2)."""
@@ -356,6 +365,8 @@ def _check_options(o: TrainOptions) -> None:
         problems.append(f"lr must be >= 0, got {o.lr}")
     if not (o.eta_min >= 0):
         problems.append(f"eta_min must be >= 0, got {o.eta_min}")
+    if not (o.time_lr_mult > 0 and math.isfinite(o.time_lr_mult)):
+        problems.append(f"time_lr_mult must be > 0, got {o.time_lr_mult}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         problems.append(f"betas must be two numbers in [0, 1), got {o.betas}")
     if not 0 <= o.ema < 1:
@@ -653,7 +664,9 @@ class TrainSamples(Dataset):
         if spec.transpose:
             arrays = [a.transpose(0, 2, 1) for a in arrays]
         lr, hr, target = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None] for a in arrays)
-        return {"lr": lr, "hr": hr, "target": target}
+        t0, t1 = bracket[0], bracket[2]
+        times = torch.tensor([time_weight(t, t0, t1) for t in spec.frames], dtype=torch.float32)
+        return {"lr": lr, "hr": hr, "target": target, "times": times}
 
 
 def _motion_score(sample: Mapping[str, torch.Tensor]) -> float:
@@ -700,13 +713,15 @@ class Validator:
             y0, x0 = (h - ch) // 2, (w - cw) // 2
             ys, xs = slice(y0, y0 + ch), slice(x0, x0 + cw)
             hys, hxs = slice(y0 * s, (y0 + ch) * s), slice(x0 * s, (x0 + cw) * s)
-            lrs, hrs, targets = [], [], []
+            lrs, hrs, targets, times = [], [], [], []
             with Archive(info.path) as arc:
                 calib = Calibration(arc, Normalisation.from_dict(info.norm))
                 for j, wi in enumerate(pick):
                     win = wins[wi]
                     lrs.append(calib.lr_to_model(arc.read_lr_at(list(win.frames)), frames=list(win.frames))[:, ys, xs])
                     hrs.append(np.stack([calib.hr_to_model(arc.read_hr(k))[hys, hxs] for k in win.keys]))
+                    t0, t1 = (int(info.hr_index[k]) for k in win.keys)
+                    times.append([time_weight(t, t0, t1) for t in win.frames])
                     for t, slot in win.emit:
                         if t in keyset:
                             continue
@@ -714,7 +729,7 @@ class Validator:
                         targets.append((j, slot if cfg.head == "all" else 0, torch.from_numpy(gt)))
             lr = torch.from_numpy(np.stack(lrs))[:, :, None]
             hr = torch.from_numpy(np.stack(hrs))[:, :, None]
-            self.sets.append((name, lr, hr, targets))
+            self.sets.append((name, lr, hr, targets, torch.tensor(times, dtype=torch.float32)))
 
     def __bool__(self) -> bool:
         return bool(self.sets)
@@ -726,11 +741,12 @@ class Validator:
         model.eval()
         per: dict[str, float] = {}
         try:
-            for name, lr, hr, targets in self.sets:
+            for name, lr, hr, targets, times in self.sets:
                 outs = []
                 for b0 in range(0, lr.shape[0], max(1, batch)):
                     with _autocast(device, autocast):
-                        y = model(lr[b0:b0 + batch].to(device), hr[b0:b0 + batch].to(device))
+                        y = model(lr[b0:b0 + batch].to(device), hr[b0:b0 + batch].to(device),
+                                  times[b0:b0 + batch].to(device))
                     outs.append(y.float().cpu())
                 out = torch.cat(outs)[:, :, 0]  # V, n_out, H, W
                 psnrs = []
@@ -837,6 +853,8 @@ def _build_model(opts: TrainOptions, log: Callable[[str], None]) -> tuple[SwinXV
         overrides["num_lr"] = opts.num_lr
     if opts.drop_path is not None:
         overrides["drop_path"] = opts.drop_path
+    if opts.time_cond is not None:
+        overrides["time_cond"] = bool(opts.time_cond)
     torch.manual_seed(opts.seed)
     if not opts.init:
         return SwinXVR(preset(opts.preset, **overrides)), None
@@ -857,15 +875,20 @@ def _build_model(opts: TrainOptions, log: Callable[[str], None]) -> tuple[SwinXV
         kind = "xvr_batch"
     cfg = src.cfg.replace(**overrides)
     model = SwinXVR(cfg)
-    load_state_dict_strict(model, src.state_dict(), f"{path} (init)")
+    state = src.state_dict()
+    if cfg.time_cond and not src.cfg.time_cond:  # new, zero-initialised: the init network unchanged
+        state.update({k: v for k, v in model.state_dict().items() if k in ("time_embed", "base_gate")})
+    elif src.cfg.time_cond and not cfg.time_cond:
+        raise UserError(f"{path}: these weights use time conditioning; leave time_cond unset or true")
+    load_state_dict_strict(model, state, f"{path} (init)")
     log(f"init: {kind} weights from {path} ({cfg.embed_dim}-wide, depths {list(cfg.depths)}, NL={cfg.num_lr}, "
         f"head {cfg.head})")
     return model, {"path": os.path.abspath(path), "kind": kind, "sha256": sha256_file(path)}
 
 
 #: Options that change the trajectory of a run; a resume with other values is not the run it continues.
-_TRAJECTORY_OPTIONS = ("batch", "crop", "seed", "lr", "betas", "eta_min", "ema", "key_jitter", "p_jitter",
-                       "dose_range", "p_noise", "flips", "p_motion", "motion_tries")
+_TRAJECTORY_OPTIONS = ("batch", "crop", "seed", "lr", "betas", "eta_min", "time_lr_mult", "ema", "key_jitter",
+                       "p_jitter", "dose_range", "p_noise", "flips", "p_motion", "motion_tries")
 
 
 def _warn_resume_drift(ckpt: Mapping[str, Any], opts: TrainOptions, infos: Sequence[ArchiveInfo],
@@ -982,7 +1005,12 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
     for p in ema_model.parameters():
         p.requires_grad_(False)
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr, betas=tuple(opts.betas))
+    time_names = ("time_embed", "base_gate")  # ModelConfig.time_cond: may start at zero, so a larger step
+    groups = [{"params": [p for n, p in model.named_parameters() if n not in time_names]}]
+    timed = [p for n, p in model.named_parameters() if n in time_names]
+    if timed:
+        groups.append({"params": timed, "lr": opts.lr * opts.time_lr_mult})
+    optimizer = torch.optim.Adam(groups, lr=opts.lr, betas=tuple(opts.betas))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=opts.steps, eta_min=opts.eta_min)
     start_step = 0
     prev_meta: dict[str, Any] = {}
@@ -1150,8 +1178,9 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
             lr_in = batch["lr"].to(device, non_blocking=True)
             hr_in = batch["hr"].to(device, non_blocking=True)
             target = batch["target"].to(device, non_blocking=True)
+            times = batch["times"].to(device, non_blocking=True) if "times" in batch else None
             with _autocast(device, use_bf16):
-                pred = train_model(lr_in, hr_in)
+                pred = train_model(lr_in, hr_in, times)
             if "slot" in batch:  # one target slot per sample (a sample source such as xvr_batch.finetune)
                 slot = batch["slot"].to(device).reshape(-1)
                 pred = pred[torch.arange(pred.shape[0], device=device), slot][:, None]
@@ -1243,7 +1272,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(flag, nargs="+", default=None)
         elif f.name in _TUPLE_FIELDS:
             p.add_argument(flag, nargs=_TUPLE_FIELDS[f.name], type=float, default=None)
-        elif ann == "bool":
+        elif ann in ("bool", "bool | None"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif ann.startswith("int"):
             p.add_argument(flag, type=int, default=None)

@@ -68,6 +68,12 @@ class ModelConfig:
                  correction added to the mean of the two key frames). "key_mean" is a global skip outside
                  the paper's network, used by the shipped CPU-trained ``lite`` weights: it starts training
                  at the key frames instead of at zero, which matters when training time is short.
+    time_cond:   tell the network where each LR frame lies between its two key frames (its time weight
+                 ``w`` in [0, 1]). Each LR slice's features get ``(w - 1/2)`` times a learned vector, and with
+                 ``residual="key_mean"`` the base moves from the keys' mean towards their time blend by a
+                 learned gate: ``mean + gate (w - 1/2) (K1 - K0)``. Both start at zero, so a network
+                 fine-tuned from weights without it starts as exactly that network. Outside the paper's
+                 network; off by default.
     """
 
     num_lr: int = 3
@@ -84,6 +90,7 @@ class ModelConfig:
     qkv_bias: bool = True
     in_ch: int = 1
     residual: str = "none"
+    time_cond: bool = False
 
     def __post_init__(self) -> None:
         problems = self._type_problems()
@@ -133,6 +140,8 @@ class ModelConfig:
             total += depth * block + conv(e, e)
         total += 2 * e + conv(e, e)  # norm, conv_after_body
         total += conv(e, r) + int(math.log2(self.scale)) * conv(r, 4 * r) + conv(r, c)
+        if self.time_cond:
+            total += e + 1  # time vector, base gate
         return total
 
     def flops_per_lr_pixel(self) -> float:
@@ -183,8 +192,10 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, str):
                 problems.append(f"{name} must be a string, got {_type_name(v)} {v!r:.40}")
-        if not isinstance(self.qkv_bias, bool):
-            problems.append(f"qkv_bias must be true or false, got {_type_name(self.qkv_bias)} {self.qkv_bias!r:.40}")
+        for name in ("qkv_bias", "time_cond"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                problems.append(f"{name} must be true or false, got {_type_name(v)} {v!r:.40}")
         return problems
 
     def validate(self) -> None:

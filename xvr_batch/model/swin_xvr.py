@@ -319,6 +319,9 @@ class SwinXVR(nn.Module):
         self.upsample = nn.ModuleList(nn.Conv2d(r, 4 * r, 3, 1, 1) for _ in range(int(math.log2(cfg.scale))))
         self.shuffle = nn.PixelShuffle(2)
         self.conv_last = nn.Conv2d(r, cfg.in_ch, 3, 1, 1)
+        if cfg.time_cond:  # zero: the network starts as the same network without them (ModelConfig.time_cond)
+            self.time_embed = nn.Parameter(torch.zeros(e))
+            self.base_gate = nn.Parameter(torch.zeros(1))
         self.apply(self._init_linear)
         # run-time choices (not in the config: checkpoints do not change)
         self.attention = "sdpa"
@@ -386,9 +389,10 @@ class SwinXVR(nn.Module):
         compiled = compile_fn(self.forward_features, fullgraph=fullgraph)
         self.compile_mode = COMPILE_MODE
 
-        def features(lr: torch.Tensor, key_feats: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        def features(lr: torch.Tensor, key_feats: torch.Tensor, base: torch.Tensor | None = None,
+                     times: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> torch.Tensor:
             masks = self.prepare_masks(lr.shape[-2], lr.shape[-1], lr.device, self.compute_dtype(lr.device))
-            return compiled(lr, key_feats, base, masks)
+            return compiled(lr, key_feats, base, masks, times, delta)
 
         features.compiled = compiled  # type: ignore[attr-defined]
         return features
@@ -421,18 +425,26 @@ class SwinXVR(nn.Module):
         return hr.mean(dim=1, keepdim=True)
 
     def forward_features(self, lr: torch.Tensor, key_feats: torch.Tensor,
-                         base: torch.Tensor | None = None, masks: list | None = None) -> torch.Tensor:
+                         base: torch.Tensor | None = None, masks: list | None = None,
+                         times: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> torch.Tensor:
         """lr (B, NL, 1, h, w), key_feats (B, 2, E, h, w) from :meth:`encode_keys` -> (B, n_out, 1, 4h, 4w).
 
         ``base`` (B, 1, 1, 4h, 4w) from :meth:`key_base` is required when ``cfg.residual == "key_mean"``.
         ``masks`` from :meth:`prepare_masks` (for this h, w and compute dtype); when None they are taken from
-        that cache (eager) or built inside the graph (when traced)."""
+        that cache (eager) or built inside the graph (when traced). With ``cfg.time_cond``: ``times`` (B, NL)
+        each LR frame's time weight between the two keys (:func:`~xvr_batch.normalise.time_weight`) and, with
+        ``residual="key_mean"``, ``delta`` (B, 1, 1, 4h, 4w) from :meth:`key_delta`; ignored otherwise."""
         b, nl, _, h, w = lr.shape
         if nl != self.cfg.num_lr:
             raise ValueError(f"expected {self.cfg.num_lr} LR frames, got {nl}")
         if key_feats.shape[-2:] != (h, w):
             raise ValueError(f"key-frame features {tuple(key_feats.shape[-2:])} do not match the LR grid {(h, w)}")
         feats = self.encode_lr(lr)  # the compute dtype: autocast's, or the weights'
+        if self.cfg.time_cond:
+            if times is None or tuple(times.shape) != (b, nl):
+                raise ValueError(f"this model needs each LR frame's time weight: times of shape {(b, nl)}")
+            centred = (times.to(feats.dtype) - 0.5)[:, :, None, None, None]  # B, NL, 1, 1, 1
+            feats = feats + centred * self.time_embed.to(feats.dtype)[None, None, :, None, None]
         shallow = torch.cat((feats, key_feats.to(feats.dtype)), dim=1)  # B, D, E, h, w
         shallow = shallow.permute(0, 1, 3, 4, 2).contiguous()  # B, D, h, w, E
         if masks is None:
@@ -460,11 +472,24 @@ class SwinXVR(nn.Module):
             if base is None:
                 raise ValueError("this model adds the key-frame mean: pass base=SwinXVR.key_base(hr)")
             y = y + base  # bf16 head output + fp32 base -> fp32 (type promotion); fp32 + fp32 as before
+            if self.cfg.time_cond:
+                if delta is None:
+                    raise ValueError("this model moves the base towards the key blend: pass "
+                                     "delta=SwinXVR.key_delta(hr)")
+                w_out = times[:, keep].to(y.dtype) - 0.5  # B, n_out
+                y = y + (self.base_gate.to(y.dtype) * w_out)[:, :, None, None, None] * delta.to(y.dtype)
         return y
 
-    def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def key_delta(hr: torch.Tensor) -> torch.Tensor:
+        """(B, 2, 1, H, W) key frames -> (B, 1, 1, H, W) the later minus the earlier (``time_cond`` base)."""
+        return hr[:, 1:2] - hr[:, 0:1]
+
+    def forward(self, lr: torch.Tensor, hr: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
+        """``times`` (B, NL): each LR frame's time weight between the keys, needed with ``cfg.time_cond``."""
         base = self.key_base(hr) if self.cfg.residual == "key_mean" else None
-        return self.forward_features(lr, self.encode_keys(hr), base)
+        delta = self.key_delta(hr) if self.cfg.residual == "key_mean" and self.cfg.time_cond else None
+        return self.forward_features(lr, self.encode_keys(hr), base, times=times, delta=delta)
 
     # ------------------------------------------------------------------ accounting
     def flops(self, h: int, w: int) -> float:
