@@ -345,12 +345,13 @@ def test_cli_train_passes_the_recipe_options(data, tmp_path):
     out = tmp_path / "cli.pt"
     proc = cli("train", data["a"], data["b"], "-o", out, "--preset", "tiny", "--steps", 2, "--batch", 2,
                "--crop", 16, "--p-motion", 1, "--p-noise", 0, "--drop-path", 0.05, "--num-workers", 0, "-q",
-               env={"OMP_NUM_THREADS": "1"})
+               "--time-cond", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith(str(out))
     ck = _state(out)
     recipe = ck["meta"]["recipe"]
     assert recipe["p_motion"] == 1.0 and recipe["p_noise"] == 0.0 and recipe["drop_path"] == 0.05
+    assert ck["config"]["time_cond"] is True and "time_embed" in ck["params"]
     assert ck["step"] == 2
     bad = cli("train", data["a"], "-o", tmp_path / "x.pt", "--p-motion", 2)
     assert bad.returncode == 2 and "--p-motion" in bad.stderr
