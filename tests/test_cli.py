@@ -306,3 +306,17 @@ def test_interpolate_weights_example(tmp_path, tiny_weights):
     r = subprocess.run([sys.executable, script, str(tmp_path / "missing.pt"), str(tuned), "--alpha", "0.5", "-o",
                         str(tmp_path / "bad.pt")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+    # TUNED added time conditioning over BASE: BASE counts as the same network with those parameters at zero
+    timed = SwinXVR(preset("tiny", window=4, time_cond=True)).eval()
+    with torch.no_grad():
+        timed.base_gate.fill_(0.8)
+        timed.time_embed.fill_(0.4)
+    save_checkpoint(tmp_path / "timed.pt", timed)
+    out = tmp_path / "mix_timed.pt"
+    r = subprocess.run([sys.executable, script, str(tiny_weights), str(tmp_path / "timed.pt"), "--alpha", "0.25",
+                        "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mixed = load_checkpoint(out)[0]
+    assert mixed.cfg.time_cond
+    assert torch.allclose(mixed.base_gate, torch.tensor([0.2])) and torch.allclose(mixed.time_embed, torch.tensor(0.1))
+    assert torch.allclose(mixed.state_dict()[name], 0.75 * base_sd[name] + 0.25 * timed.state_dict()[name], atol=1e-6)
