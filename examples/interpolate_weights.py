@@ -6,8 +6,9 @@ zero-shot models", 2022): ``(1 - alpha) * BASE + alpha * TUNED``, EMA weights wh
 A fine-tune on a shifted distribution (here: the randomised archives of examples/make_split.py) tends to lose part
 of what the base weights did well (the plain generator); a point between the two often keeps most of both.
 TUNED may add time conditioning (``train --time-cond`` over BASE): BASE then counts as the same network with
-those parameters at zero, which is what it computes. OUT.pt is a slim checkpoint of our format (no optimizer state) whose ``meta`` records both sources (path, sha256,
-meta) and ``alpha``; ``xvr-batch reconstruct --weights OUT.pt`` and ``examples/score_weights.py`` take it as is.
+those parameters at zero, which is what it computes. OUT.pt is a slim checkpoint of our format (no optimizer
+state) whose ``meta`` records both sources (path, sha256, meta) and ``alpha``; ``xvr-batch reconstruct --weights
+OUT.pt`` and ``examples/score_weights.py`` take it as is.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from xvr_batch.errors import UserError
 from xvr_batch.model.checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from xvr_batch.model.swin_xvr import SwinXVR
+from xvr_batch.model.swin_xvr import with_time_cond
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not base.cfg.time_cond and tuned.cfg == base.cfg.replace(time_cond=True):
-        # the tuned weights added time conditioning: the base is the same network with those terms at zero
-        timed = SwinXVR(tuned.cfg)
-        state = base.state_dict()
-        state.update({k: torch.zeros_like(v) for k, v in timed.state_dict().items() if k not in state})
-        timed.load_state_dict(state)
-        base = timed.eval()
+        base = with_time_cond(base)  # the tuned weights added time conditioning: the base with it at zero
     if base.cfg.to_dict() != tuned.cfg.to_dict():
         print(f"error: {a.base} and {a.tuned} are different models (configs differ); nothing to interpolate",
               file=sys.stderr)

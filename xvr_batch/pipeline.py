@@ -598,17 +598,18 @@ class UnitRunner:
             self._keys.move_to_end(key)
         return feat
 
-    def _key_base(self, keys: tuple[int, int], hr: dict) -> torch.Tensor:
-        """(1, 1, H, W) mean of a window's two key frames, cached per key pair."""
-        key = ("base", keys)
-        base = self._keys.get(key)
-        if base is None:
+    def _key_pair(self, kind: str, keys: tuple[int, int], hr: dict) -> torch.Tensor:
+        """(1, 1, H, W) ``model.key_base`` (``kind`` "base": the mean) or ``model.key_delta`` ("delta": the later
+        minus the earlier) of a window's two key frames, cached per key pair."""
+        key = (kind, keys)
+        img = self._keys.get(key)
+        if img is None:
             pair = np.stack([hr[keys[0]], hr[keys[1]]])[:, None]  # 2, 1, H, W
-            base = self.model.key_base(torch.from_numpy(pair).to(self.device)[None])[0]
-            self._keys[key] = base
+            fn = self.model.key_base if kind == "base" else self.model.key_delta
+            img = self._keys[key] = fn(torch.from_numpy(pair).to(self.device)[None])[0]
         else:
             self._keys.move_to_end(key)
-        return base
+        return img
 
     def _key_binned(self, k: int, hr: dict) -> torch.Tensor:
         """(h, w) key ``k`` binned to the LR grid, on the device (cached)."""
@@ -779,25 +780,6 @@ class UnitRunner:
             self._keys.move_to_end(key)
         return img
 
-    def _time_inputs(self, wins, hr: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A ``time_cond`` model's extra inputs: (B, NL) each LR frame's time weight between its window's keys,
-        and with ``residual="key_mean"`` (B, 1, 1, H, W) the later key minus the earlier (cached per pair)."""
-        times = torch.tensor([[time_weight(t, self._hr_index[w_.keys[0]], self._hr_index[w_.keys[1]])
-                               for t in w_.frames] for w_ in wins], dtype=torch.float32, device=self.device)
-        if self.cfg.residual != "key_mean":
-            return times, None
-        deltas = []
-        for w_ in wins:
-            key = ("delta", w_.keys)
-            d = self._keys.get(key)
-            if d is None:
-                pair = np.stack([hr[w_.keys[0]], hr[w_.keys[1]]])[:, None]  # 2, 1, H, W
-                d = self._keys[key] = self.model.key_delta(torch.from_numpy(pair).to(self.device)[None])[0]
-            else:
-                self._keys.move_to_end(key)
-            deltas.append(d)
-        return times, torch.stack(deltas)
-
     def _model_dev(self, wins, lr_dev: tuple, hr: dict) -> torch.Tensor:
         """The model on one staged batch (see :meth:`_to_device`) -> (B, n_out, s h, s w) float32 on the device,
         in the model's frame (the LR camera's, upsampled)."""
@@ -809,23 +791,29 @@ class UnitRunner:
         with torch.inference_mode():
             lr_t = (self._denoised_lr(wins, lr_in, hr) if self._denoise else lr_in)[:, :, None]  # B, NL, 1, h, w
         with torch.inference_mode(), ctx:
+            # once per batch, cut per tile below: the key-mean base, and a time_cond model's inputs
+            base = delta = times = None
+            if self.cfg.residual == "key_mean":
+                base = torch.stack([self._key_pair("base", w_.keys, hr) for w_ in wins])  # B, 1, 1, H, W
+                if self.cfg.time_cond:
+                    delta = torch.stack([self._key_pair("delta", w_.keys, hr) for w_ in wins])  # B, 1, 1, H, W
+            if self.cfg.time_cond:  # B, NL: each LR frame's time weight between its window's keys
+                times = torch.tensor([[time_weight(t, self._hr_index[w_.keys[0]], self._hr_index[w_.keys[1]])
+                                       for t in w_.frames] for w_ in wins], dtype=torch.float32, device=self.device)
+
             def run(tile=None) -> torch.Tensor:
                 feats = torch.stack([
                     torch.stack([self._key_feature(w_.keys[0], hr[w_.keys[0]], tile),
                                  self._key_feature(w_.keys[1], hr[w_.keys[1]], tile)]) for w_ in wins])
                 x = lr_t if tile is None else lr_t[..., tile.y0:tile.y1, tile.x0:tile.x1]
-                base = None
-                s = self.cfg.scale
-                if self.cfg.residual == "key_mean":
-                    base = torch.stack([self._key_base(w_.keys, hr) for w_ in wins])  # B, 1, 1, H, W
-                    if tile is not None:
-                        base = base[..., tile.y0 * s:tile.y1 * s, tile.x0 * s:tile.x1 * s]
+
+                def cut(v: torch.Tensor | None) -> torch.Tensor | None:  # an HR-grid input to this tile
+                    s = self.cfg.scale
+                    return v if v is None or tile is None else v[..., tile.y0 * s:tile.y1 * s, tile.x0 * s:tile.x1 * s]
+
                 if not self.cfg.time_cond:
-                    return self._features(x, feats, base).float()
-                times, delta = self._time_inputs(wins, hr)
-                if delta is not None and tile is not None:
-                    delta = delta[..., tile.y0 * s:tile.y1 * s, tile.x0 * s:tile.x1 * s]
-                return self._features(x, feats, base, times=times, delta=delta).float()
+                    return self._features(x, feats, cut(base)).float()
+                return self._features(x, feats, cut(base), times=times, delta=cut(delta)).float()
 
             tile = self.settings.get("tile")
             if tile:

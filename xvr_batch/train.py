@@ -145,7 +145,7 @@ from xvr_batch.model.checkpoint import (
     FORMAT, from_xfusion, load_checkpoint, load_state_dict_strict, read_untrusted, save_checkpoint,
 )
 from xvr_batch.model.config import ModelConfig, preset
-from xvr_batch.model.swin_xvr import SwinXVR
+from xvr_batch.model.swin_xvr import TIME_PARAMS, SwinXVR, with_time_cond
 from xvr_batch.normalise import Calibration, Normalisation, fit_normalisation, time_weight
 from xvr_batch.plan import plan_windows, reflect
 
@@ -874,13 +874,12 @@ def _build_model(opts: TrainOptions, log: Callable[[str], None]) -> tuple[SwinXV
         src, _ = load_checkpoint(ckpt, ema=True)
         kind = "xvr_batch"
     cfg = src.cfg.replace(**overrides)
-    model = SwinXVR(cfg)
-    state = src.state_dict()
-    if cfg.time_cond and not src.cfg.time_cond:  # new, zero-initialised: the init network unchanged
-        state.update({k: v for k, v in model.state_dict().items() if k in ("time_embed", "base_gate")})
-    elif src.cfg.time_cond and not cfg.time_cond:
+    if src.cfg.time_cond and not cfg.time_cond:
         raise UserError(f"{path}: these weights use time conditioning; leave time_cond unset or true")
-    load_state_dict_strict(model, state, f"{path} (init)")
+    if cfg.time_cond:  # new terms start at zero: the init network unchanged
+        src = with_time_cond(src)
+    model = SwinXVR(cfg)
+    load_state_dict_strict(model, src.state_dict(), f"{path} (init)")
     log(f"init: {kind} weights from {path} ({cfg.embed_dim}-wide, depths {list(cfg.depths)}, NL={cfg.num_lr}, "
         f"head {cfg.head})")
     return model, {"path": os.path.abspath(path), "kind": kind, "sha256": sha256_file(path)}
@@ -1005,9 +1004,9 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
     for p in ema_model.parameters():
         p.requires_grad_(False)
 
-    time_names = ("time_embed", "base_gate")  # ModelConfig.time_cond: may start at zero, so a larger step
-    groups = [{"params": [p for n, p in model.named_parameters() if n not in time_names]}]
-    timed = [p for n, p in model.named_parameters() if n in time_names]
+    # ModelConfig.time_cond's parameters may start at zero, so a larger step
+    groups = [{"params": [p for n, p in model.named_parameters() if n not in TIME_PARAMS]}]
+    timed = [p for n, p in model.named_parameters() if n in TIME_PARAMS]
     if timed:
         groups.append({"params": timed, "lr": opts.lr * opts.time_lr_mult})
     optimizer = torch.optim.Adam(groups, lr=opts.lr, betas=tuple(opts.betas))

@@ -303,7 +303,8 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
                     if model.cfg.residual == "key_mean":
                         delta = torch.stack([model.key_delta(torch.from_numpy(c.keys).to(device)[None, :, None])[0]
                                              for c in chunk])  # B, 1, 1, H, W
-                y = model.forward_features(lr, feats, base, times=times, delta=delta).float()[:, :, 0]  # B, n_out, H, W
+                y = model.forward_features(lr, feats, base, times=times, delta=delta)
+                y = y.float()[:, :, 0]  # B, n_out, H, W
             if sigma is not None:
                 slots = list(range(model.cfg.num_lr)) if model.cfg.head == "all" else [model.cfg.num_lr // 2]
                 masks = transmission is not None and all(c.measured is not None for c in chunk)

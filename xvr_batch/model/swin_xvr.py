@@ -50,7 +50,10 @@ from xvr_batch.model.attention import (
 )
 from xvr_batch.model.config import ModelConfig
 
-__all__ = ["SwinXVR", "drop_path_schedule"]
+__all__ = ["SwinXVR", "drop_path_schedule", "TIME_PARAMS", "with_time_cond"]
+
+#: The parameters ``ModelConfig.time_cond`` adds (both start at zero).
+TIME_PARAMS = ("time_embed", "base_gate")
 
 
 def drop_path_schedule(rate: float, n_blocks: int) -> list[float]:
@@ -514,3 +517,15 @@ class SwinXVR(nn.Module):
             px *= 4
         total += out * (conv(e, r, h * w) + up + conv(r, 1, px))
         return float(total)
+
+
+def with_time_cond(model: SwinXVR) -> SwinXVR:
+    """``model`` itself if it has ``time_cond``; else the same network with it, its time terms at zero (which
+    computes exactly what ``model`` computes), in eval mode."""
+    if model.cfg.time_cond:
+        return model
+    timed = SwinXVR(model.cfg.replace(time_cond=True))
+    state = model.state_dict()
+    state.update({k: torch.zeros_like(v) for k, v in timed.state_dict().items() if k in TIME_PARAMS})
+    timed.load_state_dict(state)
+    return timed.eval()
