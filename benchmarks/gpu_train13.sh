@@ -23,15 +23,15 @@
 #      (or PRESET.pt when training is complete) on the held-out test split: OUT/score_PRESET_stepN.json and
 #      OUT/score_PRESET.json (the latest);
 #   5. OUT/progress.json: preset, step, total steps, s/step, one record per lease.
-# The recipe is examples/train_default.sh's (L1, Adam (0.9, 0.99), cosine to 1e-7, EMA 0.999, batch 32, crop 24,
-# p_motion 0.5, bf16 on CUDA) at LR (5e-4), without the stage-2 fine-tune.
+# The recipe is examples/train_default.sh's (L1 unless LOSS=psnr, Adam (0.9, 0.99), cosine to 1e-7, EMA 0.999, batch
+# 32, crop 24, p_motion 0.5, bf16 on CUDA) at LR (5e-4), without the stage-2 fine-tune.
 #
 # Knobs: OUT (/tmp/xvr13), STATE_IN (none), WORK (/tmp/xvr13-work), BUDGET_S (720), SCORE_RESERVE_S (150),
 # PRESET (lite | mid: the model presets of xvr_batch.model.config), TOTAL_STEPS (30000 lite, 20000 mid), CALIB_STEPS (200),
 # LR, BATCH, CROP, P_MOTION, MOTION_TRIES, SEED, DEVICE (cuda), NUM_WORKERS (12), JOBS (16), N_TRAIN (96),
 # N_VAL (4), N_TEST (20), N_FRAMES (81), HR_SIZE (256), STRIDE (20), HELD_OUT_FAMILY (debris), HELD_OUT_EFFECT
 # (flicker), PLAIN_FRACTION (0.25), SKIP_SCORE (0), PYTHON (python3), TIME_COND (0; 1: the network is told each
-# LR frame's time between its keys, ModelConfig.time_cond).
+# LR frame's time between its keys, ModelConfig.time_cond), LOSS (l1 | psnr: xvr_batch.train's loss option).
 set -uo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
@@ -45,7 +45,7 @@ PRESET="${PRESET:-lite}"
 if [[ "$PRESET" == mid ]]; then TOTAL_STEPS="${TOTAL_STEPS:-20000}"; else TOTAL_STEPS="${TOTAL_STEPS:-30000}"; fi
 CALIB_STEPS="${CALIB_STEPS:-200}"
 export LR="${LR:-5e-4}" BATCH="${BATCH:-32}" CROP="${CROP:-24}" P_MOTION="${P_MOTION:-0.5}"
-export TIME_COND="${TIME_COND:-0}"
+export TIME_COND="${TIME_COND:-0}" LOSS="${LOSS:-l1}"
 export MOTION_TRIES="${MOTION_TRIES:-4}" SEED="${SEED:-0}" DEVICE="${DEVICE:-cuda}" NUM_WORKERS="${NUM_WORKERS:-12}"
 JOBS="${JOBS:-16}"
 N_TRAIN="${N_TRAIN:-96}" N_VAL="${N_VAL:-4}" N_TEST="${N_TEST:-20}"
@@ -101,7 +101,7 @@ opts = {
     "log_every": 200, "val_every": 2000, "ckpt_every": 1000, "slim": True, "progress": False,
     "resume": last if os.path.isfile(last) else None,
     "p_noise": 0.0, "drop_path": 0.0, "p_motion": float(e["P_MOTION"]), "motion_tries": int(e["MOTION_TRIES"]),
-    "time_cond": e["TIME_COND"] == "1",
+    "time_cond": e["TIME_COND"] == "1", "loss": e["LOSS"],
 }
 with open(e["OPTS"], "w") as f:
     json.dump(opts, f, indent=1)

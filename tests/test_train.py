@@ -23,8 +23,8 @@ from xvr_batch.model import SwinXVR, load_checkpoint, save_checkpoint
 from xvr_batch.model.checkpoint import xfusion_config, xfusion_to_state_dict
 from xvr_batch.synth import generate, synthesize, write_archive
 from xvr_batch.train import (
-    TrainOptions, TrainSamples, _inspect_archive, detect_dist_env, last_checkpoint_path, main, options_from_dict,
-    run_training,
+    PSNR_LOSS_EPS, TrainOptions, TrainSamples, _inspect_archive, _run_identity, detect_dist_env, frame_psnr_loss,
+    last_checkpoint_path, main, options_from_dict, run_training,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,6 +225,46 @@ def test_loss_decreases(data, tmp_path):
     assert last < 0.7 * first, (first, last)
 
 
+def test_frame_psnr_loss_is_the_mean_frame_psnr():
+    """The "psnr" loss is -ln(10)/10 times the mean per-frame PSNR (range 1), and each frame weighs the same."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 16, 16, generator=g)
+    err = torch.randn(2, 3, 16, 16, generator=g) * torch.tensor([1e-3, 1e-2, 1e-1]).view(1, 3, 1, 1)
+    pred = target + err
+    mse = err.square().mean(dim=(-2, -1))
+    mean_psnr = (10 * torch.log10(1 / mse)).mean()
+    loss = frame_psnr_loss(pred, target, eps=0.0)
+    assert torch.allclose(loss, -mean_psnr * np.log(10) / 10, rtol=1e-5)
+    # gradient per frame ~ err / mse: the frame with the smallest error gets the largest push per pixel
+    p = pred.clone().requires_grad_(True)
+    frame_psnr_loss(p, target, eps=0.0).backward()
+    per_frame = p.grad.abs().mean(dim=(0, 2, 3))  # about 1 / (error scale): 10x per frame here
+    assert per_frame[0] > 5 * per_frame[1] and per_frame[1] > 5 * per_frame[2], per_frame
+    # an exact frame is finite (eps)
+    assert torch.isfinite(frame_psnr_loss(target, target)) and float(frame_psnr_loss(target, target)) == \
+        pytest.approx(np.log(PSNR_LOSS_EPS), rel=1e-6)
+
+
+def test_psnr_loss_trains_and_is_recorded(data, tmp_path):
+    out = run_training(_opts(data, tmp_path / "p.pt", steps=40, lr=2e-3, eta_min=1e-4, p_noise=0.0, crop=8,
+                             archives=[data["a"]], loss="psnr"), log=_quiet)
+    ck = _state(out)
+    losses = [v for _, v in ck["meta"]["loss_log"]]
+    first, last = np.mean(losses[:8]), np.mean(losses[-8:])
+    assert last < first - np.log(10) * 0.3, (first, last)  # mean frame PSNR up by more than 3 dB
+    assert ck["meta"]["recipe"]["loss"] == "mean log frame MSE" and ck["train_options"]["loss"] == "psnr"
+    with pytest.raises(UserError, match="loss must be one of l1, psnr"):
+        run_training(_opts(data, tmp_path / "bad.pt", loss="l2"), log=_quiet)
+
+
+def test_a_run_recorded_before_an_option_existed_is_the_same_run():
+    """A stopped run's options written before `loss` existed ran with L1: its resume identity is unchanged."""
+    now = TrainOptions(archives=["a.h5"], out="o.pt").to_dict()
+    old = {k: v for k, v in now.items() if k not in ("loss", "time_lr_mult")}
+    assert _run_identity(old) == _run_identity(now)
+    assert _run_identity(old) != _run_identity(dict(now, loss="psnr"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -345,13 +385,14 @@ def test_cli_train_passes_the_recipe_options(data, tmp_path):
     out = tmp_path / "cli.pt"
     proc = cli("train", data["a"], data["b"], "-o", out, "--preset", "tiny", "--steps", 2, "--batch", 2,
                "--crop", 16, "--p-motion", 1, "--p-noise", 0, "--drop-path", 0.05, "--num-workers", 0, "-q",
-               "--time-cond", env={"OMP_NUM_THREADS": "1"})
+               "--time-cond", "--loss", "psnr", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith(str(out))
     ck = _state(out)
     recipe = ck["meta"]["recipe"]
     assert recipe["p_motion"] == 1.0 and recipe["p_noise"] == 0.0 and recipe["drop_path"] == 0.05
     assert ck["config"]["time_cond"] is True and "time_embed" in ck["params"]
+    assert ck["train_options"]["loss"] == "psnr"
     assert ck["step"] == 2
     bad = cli("train", data["a"], "-o", tmp_path / "x.pt", "--p-motion", 2)
     assert bad.returncode == 2 and "--p-motion" in bad.stderr

@@ -723,6 +723,9 @@ def demo_cmd(directory, frames, seed, quiet):
               help="Share of samples with extra Poisson noise on the LR frames (the shipped weights: 0).")
 @click.option("--drop-path", type=click.FloatRange(0, 1), default=None,
               help="Stochastic depth rate [default: the preset's].")
+@click.option("--loss", type=click.Choice(["l1", "psnr"]), default="l1", show_default=True,
+              help="l1: mean absolute error over all pixels. psnr: the mean log of each output frame's squared "
+                   "error, which weighs frames as the mean per-frame PSNR does.")
 @click.option("--time-cond/--no-time-cond", default=None,
               help="Tell the network where each LR frame lies between its keys; over --init weights without it, "
                    "the new parameters start at zero [default: the preset's or the init weights'].")

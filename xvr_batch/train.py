@@ -51,7 +51,8 @@ feeds the loop.
 
 Recipe
 ------
-L1 loss; Adam(``lr``, ``betas``); :class:`~torch.optim.lr_scheduler.CosineAnnealingLR` from ``lr`` to
+L1 loss (or, with ``loss="psnr"``, the mean log of each output frame's MSE: :func:`frame_psnr_loss`);
+Adam(``lr``, ``betas``); :class:`~torch.optim.lr_scheduler.CosineAnnealingLR` from ``lr`` to
 ``eta_min`` over ``steps``; an exponential moving average of the weights kept as ``params_ema`` with
 decay ``min(ema, (1 + n) / (10 + n))`` after ``n`` updates (a warm-up, so that short runs do not keep a
 trace of the random initialisation; it reaches 0.999 after ~9000 steps); stochastic depth from the
@@ -187,6 +188,10 @@ class TrainOptions:
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.99)
     eta_min: float = 1e-7
+    loss: str = "l1"
+    """``"l1"``: the mean absolute error over all output pixels. ``"psnr"``: the mean over samples and output
+    frames of ``log(mse + PSNR_LOSS_EPS)``, each frame's own mean squared error (see :func:`frame_psnr_loss`);
+    it weighs frames the way the reported score does, so frames the key frames nearly explain still count."""
     time_lr_mult: float = 30.0
     """Learning rate of the time-conditioning parameters (``time_cond``) as a multiple of ``lr``: Adam moves a
     parameter by about ``lr`` per step, and these start at zero with a useful range of about 1."""
@@ -296,7 +301,9 @@ _RUN_IDENTITY = ("steps", "preset", "head", "num_lr", "init", "drop_path")
 
 def _run_identity(options: Mapping[str, Any]) -> dict[str, Any]:
     keys = _TRAJECTORY_OPTIONS + _RUN_IDENTITY
-    ident = {k: options.get(k) for k in keys}
+    # an option a run recorded before it existed (loss, time_lr_mult) ran as its default
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainOptions) if f.default is not dataclasses.MISSING}
+    ident = {k: options.get(k, defaults.get(k)) for k in keys}
     for k in ("betas", "dose_range"):
         if ident[k] is not None:
             ident[k] = [float(x) for x in ident[k]]
@@ -348,6 +355,25 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+#: The training losses (:attr:`TrainOptions.loss`) and how a checkpoint's recipe names them.
+LOSSES = ("l1", "psnr")
+LOSS_NAMES = {"l1": "L1", "psnr": "mean log frame MSE"}
+#: Floor added to each frame's MSE in the ``"psnr"`` loss (model units, data range about 1): a frame already
+#: better than 60 dB gains nothing from being fitted further, and an exact frame gives a finite loss.
+PSNR_LOSS_EPS = 1e-6
+
+
+def frame_psnr_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = PSNR_LOSS_EPS) -> torch.Tensor:
+    """Mean over samples and frames of ``log(mse + eps)``; ``pred``, ``target``: (B, n, H, W).
+
+    Equal to ``-ln(10) / 10`` times the mean per-frame PSNR (data range 1) plus a constant when ``eps`` is
+    negligible, so minimising it maximises the mean of per-frame PSNR, the score :mod:`xvr_batch.evaluate`
+    reports. Its gradient on a frame is ``2 (pred - target) / (H W (mse + eps))``: a frame with a small error
+    weighs as much as one with a large error, where an L1 loss over all pixels hardly sees it."""
+    mse = (pred - target).square().mean(dim=(-2, -1))  # (B, n)
+    return torch.log(mse + eps).mean()
+
+
 def _check_options(o: TrainOptions) -> None:
     """Validate the scalar options; every problem is one UserError."""
     problems = []
@@ -365,6 +391,8 @@ def _check_options(o: TrainOptions) -> None:
         problems.append(f"lr must be >= 0, got {o.lr}")
     if not (o.eta_min >= 0):
         problems.append(f"eta_min must be >= 0, got {o.eta_min}")
+    if o.loss not in LOSSES:
+        problems.append(f"loss must be one of {', '.join(LOSSES)}, got {o.loss!r}")
     if not (o.time_lr_mult > 0 and math.isfinite(o.time_lr_mult)):
         problems.append(f"time_lr_mult must be > 0, got {o.time_lr_mult}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
@@ -886,8 +914,8 @@ def _build_model(opts: TrainOptions, log: Callable[[str], None]) -> tuple[SwinXV
 
 
 #: Options that change the trajectory of a run; a resume with other values is not the run it continues.
-_TRAJECTORY_OPTIONS = ("batch", "crop", "seed", "lr", "betas", "eta_min", "time_lr_mult", "ema", "key_jitter",
-                       "p_jitter", "dose_range", "p_noise", "flips", "p_motion", "motion_tries")
+_TRAJECTORY_OPTIONS = ("batch", "crop", "seed", "loss", "lr", "betas", "eta_min", "time_lr_mult", "ema",
+                       "key_jitter", "p_jitter", "dose_range", "p_noise", "flips", "p_motion", "motion_tries")
 
 
 def _warn_resume_drift(ckpt: Mapping[str, Any], opts: TrainOptions, infos: Sequence[ArchiveInfo],
@@ -1097,7 +1125,7 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
         return {
             "kind": "training", "tool_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "recipe": {"loss": "L1", "optimizer": "Adam", "lr": opts.lr, "betas": list(opts.betas),
+            "recipe": {"loss": LOSS_NAMES[opts.loss], "optimizer": "Adam", "lr": opts.lr, "betas": list(opts.betas),
                        "scheduler": "CosineAnnealingLR", "eta_min": opts.eta_min, "ema": opts.ema,
                        "ema_warmup": "decay_n = min(ema, (1 + n) / (10 + n))", "drop_path": cfg.drop_path,
                        "crop_lr": opts.crop, "batch": opts.batch, "key_jitter": opts.key_jitter,
@@ -1183,7 +1211,7 @@ def _train(opts: TrainOptions, dist_env: DistEnv, device: torch.device, log: Cal
             if "slot" in batch:  # one target slot per sample (a sample source such as xvr_batch.finetune)
                 slot = batch["slot"].to(device).reshape(-1)
                 pred = pred[torch.arange(pred.shape[0], device=device), slot][:, None]
-            loss = F.l1_loss(pred.float(), target)
+            loss = frame_psnr_loss(pred.float(), target) if opts.loss == "psnr" else F.l1_loss(pred.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
