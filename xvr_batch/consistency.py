@@ -21,6 +21,10 @@ Metric
     means a residual three times that. (A per-frame noise estimate from the LR frame itself was rejected: an LR
     frame swamped by noise would then normalise its own residual away.)
 
+    Beside ``sigma`` the record keeps the LR camera's transfer kernel (:mod:`xvr_batch.lrpsf`) and the residual
+    it leaves, ``sigma_kernel`` (both None when no kernel pays); the motion step of ``--refine lr`` compares
+    through it. ``chi`` keeps the plain binning.
+
 Flags
     A frame is flagged when ``chi_t > threshold`` (:data:`DEFAULT_THRESHOLD` = 1.5: the binned reconstruction
     departs from its LR frame 50 % more, in RMS, than a measured HR frame does, i.e. the model's own binned error
@@ -75,17 +79,26 @@ def _block_mean(x: np.ndarray, f: int) -> np.ndarray:
 
 
 def fit_baseline(archive, calib, threshold: float = DEFAULT_THRESHOLD) -> dict:
-    """``{"sigma", "n_keys", "threshold", "scale"}``: the residual of measured HR key frames against their LR
-    frames (see the module docstring). ``archive`` is the (registered) archive the units read."""
+    """``{"sigma", "n_keys", "threshold", "scale", "kernel", "sigma_kernel"}``: the residual of measured HR key
+    frames against their LR frames (see the module docstring), and the LR camera's transfer kernel fitted on the
+    same pairs with the residual it leaves (:func:`xvr_batch.lrpsf.fit_kernel`; both None when it cannot be
+    fitted). ``archive`` is the (registered) archive the units read."""
+    from xvr_batch.lrpsf import fit_kernel, residual as kernel_residual
+
     inside = getattr(archive, "lr_inside", None)
     k_all = len(archive.hr_index)
     picks = sorted({int(round(i)) for i in np.linspace(0, k_all - 1, min(k_all, MAX_BASELINE_KEYS))})
     s = int(archive.scale)
-    rms = []
+    rms, pairs = [], []
     for k in picks:
+        t = int(archive.hr_index[k])
         hr = calib.hr_to_model(archive.read_hr(k)).astype(np.float64)
-        lr = calib.lr_to_model(archive.read_lr_at([int(archive.hr_index[k])]), frames=[int(archive.hr_index[k])])[0].astype(np.float64)
-        d = _block_mean(hr, s) - lr
+        raw = archive.read_lr_at([t])
+        lr = calib.lr_to_model(raw, frames=[t])[0].astype(np.float64)
+        binned = _block_mean(hr, s)
+        d = binned - lr
+        measured = calib.lr_measured(raw[0], inside)
+        pairs.append((binned, lr, measured))
         if inside is not None:
             d = d[np.asarray(inside)]
         if d.size:
@@ -93,7 +106,14 @@ def fit_baseline(archive, calib, threshold: float = DEFAULT_THRESHOLD) -> dict:
     sigma = float(np.median(rms)) if rms else float("nan")
     if not math.isfinite(sigma) or sigma < SIGMA_FLOOR:
         sigma = SIGMA_FLOOR
-    return {"sigma": sigma, "n_keys": len(rms), "threshold": float(threshold), "scale": s}
+    fit = fit_kernel(pairs)
+    kernel = sigma_k = None
+    if fit is not None:
+        res = [v for v in (kernel_residual(*p, fit[0]) for p in pairs) if v is not None]
+        if res and math.isfinite(float(np.median(res))):
+            kernel, sigma_k = fit[0], max(float(np.median(res)), SIGMA_FLOOR)
+    return {"sigma": sigma, "n_keys": len(rms), "threshold": float(threshold), "scale": s,
+            "kernel": None if kernel is None else kernel.tolist(), "sigma_kernel": sigma_k}
 
 
 def check_record(d: Any) -> dict | None:
@@ -107,8 +127,16 @@ def check_record(d: Any) -> dict | None:
     for v in (sigma, thr):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             return None
+    from xvr_batch.lrpsf import check_kernel
+
+    kernel, sigma_k = check_kernel(d.get("kernel")), d.get("sigma_kernel")
+    if (kernel is None or isinstance(sigma_k, bool) or not isinstance(sigma_k, (int, float))
+            or not math.isfinite(sigma_k) or sigma_k <= 0):
+        kernel = sigma_k = None  # recorded before the kernel existed, or unusable: the plain binning
     return {"sigma": float(sigma), "n_keys": int(d.get("n_keys", 0)) if isinstance(d.get("n_keys"), int) else 0,
-            "threshold": float(thr), "scale": int(d.get("scale", 4)) if isinstance(d.get("scale"), int) else 4}
+            "threshold": float(thr), "scale": int(d.get("scale", 4)) if isinstance(d.get("scale"), int) else 4,
+            "kernel": None if kernel is None else kernel.tolist(),
+            "sigma_kernel": None if sigma_k is None else float(sigma_k)}
 
 
 def residual_rms(out, lr, slots, scale: int, inside=None):

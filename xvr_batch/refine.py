@@ -117,8 +117,10 @@ TRAINED_SIGMA = 0.03
 #: by a version with other steps is refused on resume instead of mixing parts of two algorithms (one planned
 #: before the list existed ran ``("denoise", "residual")``). ``"blind"`` belongs to the beam step (it runs only
 #: with ``"beam"``): the key blend's gain where the LR frame measured nothing. ``"motion"``
-#: (:mod:`xvr_batch.motion`) runs on the network's output before the residual step.
-REFINE_STEPS = ("denoise", "motion", "residual", "beam", "blind")
+#: (:mod:`xvr_batch.motion`) runs on the network's output before the residual step. ``"psf"`` belongs to the
+#: motion step: it compares its candidates with the LR frame through the LR camera's transfer kernel
+#: (:mod:`xvr_batch.lrpsf`, fitted at plan time with the consistency sigma) instead of the plain binning.
+REFINE_STEPS = ("denoise", "motion", "psf", "residual", "beam", "blind")
 #: Beam step: a frame's gain is applied only where ``(G - 1) ** 2`` exceeds ``BEAM_Z2`` squared standard errors
 #: (shrunk towards 1 below that).
 BEAM_Z2 = 9.0

@@ -186,7 +186,13 @@ class ValidationContext:
             from xvr_batch.consistency import fit_baseline
             #: the archive's consistency sigma, which the LR refinement uses as ``reconstruct`` does (a noise
             #: level fitted over the key frames: no key's content reaches the model through it)
-            self.sigma = float(fit_baseline(self.archive, self.calib)["sigma"])
+            fitted = fit_baseline(self.archive, self.calib)
+            self.sigma = float(fitted["sigma"])
+            #: the LR camera's transfer kernel and the residual it leaves (:mod:`xvr_batch.lrpsf`; None when it
+            #: cannot be fitted): the motion step's step "psf". Fitted over all key frames like sigma: 25 numbers
+            #: that describe the cameras, not any key's content.
+            self.psf = (None if fitted.get("kernel") is None else
+                        (np.asarray(fitted["kernel"], np.float32), float(fitted["sigma_kernel"])))
         except BaseException:
             self.raw.close()
             raise
@@ -261,11 +267,13 @@ def _resolve_model(weights: Any) -> tuple[Any, dict]:
 
 @torch.no_grad()
 def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "cpu", batch: int = 4,
-              sigma: float | None = None, transmission: tuple[float, float] | None = None) -> list[np.ndarray]:
+              sigma: float | None = None, transmission: tuple[float, float] | None = None,
+              psf: tuple[np.ndarray, float] | None = None) -> list[np.ndarray]:
     """Model-space output frame (H, W) at each item's slot, as ``UnitRunner._compute_dev`` computes it; with the
     archive's consistency ``sigma``, with the LR denoising and refinement of ``reconstruct --refine lr``
     (:mod:`xvr_batch.refine`), and with ``transmission`` (``Calibration.transmission``) and items that carry their
-    masks, its beam step."""
+    masks, its beam step; ``psf`` ``(kernel, sigma_kernel)`` (``ValidationContext.psf``): the motion step's
+    comparison through the LR camera's transfer kernel, as ``reconstruct`` does."""
     from xvr_batch.refine import REFINE_STEPS, lr_denoise, lr_refine
     device = torch.device(device)
     was_training = model.training
@@ -309,7 +317,8 @@ def run_model(model, items: Sequence[KeyInputs], device: str | torch.device = "c
                 slots = list(range(model.cfg.num_lr)) if model.cfg.head == "all" else [model.cfg.num_lr // 2]
                 masks = transmission is not None and all(c.measured is not None for c in chunk)
                 if masks and "motion" in REFINE_STEPS:
-                    y = _motion(y, measured, chunk, slots, s, transmission, sigma)
+                    y = _motion(y, measured, chunk, slots, s, transmission, sigma,
+                                psf if "psf" in REFINE_STEPS else None)
                 y = lr_refine(y, measured, sigma, slots, s)
                 if masks:
                     y = _beam(y, measured, chunk, slots, s, transmission)
@@ -350,15 +359,19 @@ def _own_slots(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInput
 
 
 def _motion(y: torch.Tensor, measured: torch.Tensor, chunk: Sequence[KeyInputs], slots: Sequence[int], s: int,
-            transmission: tuple[float, float], sigma: float) -> torch.Tensor:
+            transmission: tuple[float, float], sigma: float, psf: tuple[np.ndarray, float] | None = None
+            ) -> torch.Tensor:
     """The motion step of ``reconstruct --refine lr`` (:func:`xvr_batch.motion.motion_fuse`) on each item's own
     output slot; the other slots are left as they are (they are not read)."""
+    from xvr_batch.lrpsf import kernel_sigma
     from xvr_batch.motion import motion_fuse
 
     o = _own_slots(y, measured, chunk, slots)
     y = y.clone()
-    y[o.rows, o.js] = motion_fuse(y[o.rows, o.js], o.lr, o.ok, o.keys, o.key_lr, o.key_ok, o.weights, sigma, s,
-                                  *transmission)
+    kernel = None if psf is None else torch.from_numpy(np.asarray(psf[0], np.float32)).to(y.device)
+    y[o.rows, o.js] = motion_fuse(y[o.rows, o.js], o.lr, o.ok, o.keys, o.key_lr, o.key_ok, o.weights,
+                                  sigma if psf is None else kernel_sigma(sigma, psf[1]), s, *transmission,
+                                  kernel=kernel)
     return y
 
 
@@ -405,7 +418,8 @@ def score_keys(ctx: ValidationContext, model, keys: Sequence[int], device: str |
         for b0 in range(0, len(items), max(1, batch)):
             chunk = items[b0:b0 + batch]
             outs = run_model(model, chunk, device, batch, sigma=ctx.sigma if refine == "lr" else None,
-                             transmission=ctx.calib.transmission if refine == "lr" else None)
+                             transmission=ctx.calib.transmission if refine == "lr" else None,
+                             psf=ctx.psf if refine == "lr" else None)
             for item, out in zip(chunk, outs):
                 k, t = item.key, item.frame
                 truth = ctx.archive.read_hr(k)[ctx.crop]
