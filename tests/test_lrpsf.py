@@ -124,3 +124,13 @@ def test_blurred_lr_camera_end_to_end(tmp_path, with_and_without):
     data, psnr = with_and_without(arc, "psf", ("denoise", "motion", "residual", "beam", "blind"))
     assert np.array_equal(data["with"], data["with_units"])
     assert psnr["with"] > psnr["without"] + 0.6, psnr  # measured: 26.62 vs 25.32 dB
+
+
+def test_large_frames_fit_a_bounded_sample(monkeypatch):
+    """Above MAX_PIXELS qualifying pixels per key frame an evenly spaced sample is fitted: the same kernel."""
+    import xvr_batch.lrpsf as lrpsf
+
+    full = fit_kernel(_pairs(_gauss(0.8)))[0]
+    monkeypatch.setattr(lrpsf, "MAX_PIXELS", 600)
+    sampled = fit_kernel(_pairs(_gauss(0.8)))[0]
+    assert np.abs(sampled - full).max() < 0.02

@@ -38,6 +38,9 @@ RADIUS = 2
 RIDGE = 1e-3
 #: Fewest fitted pixels for a kernel (else none: the plain binning is used).
 MIN_PIXELS = 200
+#: Most pixels fitted per key frame (evenly spaced among those that qualify): bounds the memory and time of the fit
+#: on large detectors.
+MAX_PIXELS = 16384
 #: Largest absolute weight a kernel may have (a fit beyond it is taken as ill-posed and dropped).
 MAX_WEIGHT = 1.5
 #: A kernel is kept only when it leaves at most this fraction of the plain binning's RMS residual: where noise
@@ -75,10 +78,11 @@ def _affine(pred: np.ndarray, lr: np.ndarray) -> tuple[float, float]:
     return g, float(lr.mean() - g * pred.mean())
 
 
-def _columns(x: np.ndarray, radius: int) -> np.ndarray:
-    """(h, w) -> (h - 2R, w - 2R, (2R+1)^2): each interior pixel's neighbourhood, row by row."""
-    k, (h, w) = 2 * radius + 1, x.shape
-    return np.stack([x[dy:dy + h - 2 * radius, dx:dx + w - 2 * radius] for dy in range(k) for dx in range(k)], -1)
+def _gather(x: np.ndarray, yy: np.ndarray, xx: np.ndarray, radius: int) -> np.ndarray:
+    """(h, w) and pixel coordinates (n,) at least ``radius`` from the edge -> (n, (2R+1)^2): each pixel's
+    neighbourhood, row by row."""
+    k = 2 * radius + 1
+    return np.stack([x[yy + dy - radius, xx + dx - radius] for dy in range(k) for dx in range(k)], -1)
 
 
 def fit_kernel(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], radius: int = RADIUS
@@ -98,11 +102,13 @@ def fit_kernel(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], radiu
     for binned, lr, ok in pairs:
         binned = np.asarray(binned, np.float64)
         lr = np.asarray(lr, np.float64)
-        sel = _erode(np.asarray(ok, bool) & np.isfinite(lr) & np.isfinite(binned), radius)
-        s = sel[radius:-radius, radius:-radius] if radius else sel
-        if s.sum() < 16:
+        sel = np.flatnonzero(_erode(np.asarray(ok, bool) & np.isfinite(lr) & np.isfinite(binned), radius))
+        if len(sel) < 16:
             continue
-        data.append((_columns(binned, radius)[s], (lr[radius:-radius, radius:-radius] if radius else lr)[s]))
+        if len(sel) > MAX_PIXELS:  # evenly spaced, so large frames cost no more than MAX_PIXELS each
+            sel = sel[np.linspace(0, len(sel) - 1, MAX_PIXELS).astype(np.int64)]
+        yy, xx = np.divmod(sel, lr.shape[1])
+        data.append((_gather(binned, yy, xx, radius), lr[yy, xx]))
     n_all = sum(len(b) for _, b in data)
     if n_all < MIN_PIXELS:
         return None
