@@ -496,7 +496,9 @@ class UnitRunner:
         #: the residual it leaves as its noise level (a work directory planned without the step does not)
         self._kernel = (torch.tensor(base["kernel"], dtype=torch.float32, device=self.device)
                         if "psf" in steps and base.get("kernel") is not None else None)
-        self._sigma_kernel = base.get("sigma_kernel")
+        from xvr_batch.lrpsf import kernel_sigma
+        self._motion_sigma = (self._cons_sigma if self._kernel is None else
+                              kernel_sigma(self._cons_sigma, base["sigma_kernel"]))
         self._masks = self._beam or self._motion  # both read where the LR frames were measured
         self._beam_inside = None if inside is None or np.asarray(inside).all() else np.asarray(inside, bool)
 
@@ -727,13 +729,11 @@ class UnitRunner:
     def _motion_dev(self, wins, lr: torch.Tensor, out: torch.Tensor, hr: dict) -> torch.Tensor:
         """Each output frame fused with its key frames moved to its LR frame (:func:`xvr_batch.motion.motion_fuse`,
         all frames of the batch at once, on the device)."""
-        from xvr_batch.lrpsf import kernel_sigma
         from xvr_batch.motion import motion_fuse
 
         b, n, hh, ww = out.shape
         pair = lambda k0, k1: torch.from_numpy(np.stack([hr[k0], hr[k1]])).to(out.device)  # noqa: E731
-        sigma = self._cons_sigma if self._kernel is None else kernel_sigma(self._cons_sigma, self._sigma_kernel)
-        res = motion_fuse(out.reshape(b * n, hh, ww), *self._slot_inputs(wins, lr, out, hr, pair), sigma,
+        res = motion_fuse(out.reshape(b * n, hh, ww), *self._slot_inputs(wins, lr, out, hr, pair), self._motion_sigma,
                           self.cfg.scale, *self.calib.transmission, kernel=self._kernel)
         return res.view(b, n, hh, ww)
 
